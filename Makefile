@@ -1,0 +1,60 @@
+# minilora — every target sets itself up on a fresh machine: it creates .venv if missing,
+# installs torch first (TORCH_SPEC, overridable), then the package with its dev extra.
+#
+#   make demo        the guided tour (CPU, a few minutes), report in runs/demo/
+#   make test        everything CI checks
+#   make lab         JupyterLab on notebooks/
+#   make bench       benchmarks, Markdown tables in benchmarks/results/
+#   make exercises   the exercise tests against YOUR stubs in exercises/learner/
+#
+# GPU machines: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" demo
+# (any torch >= 2.2 works; the default below is the CPU build these machines keep on disk).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.minilora-installed
+
+.PHONY: demo test lint pytest exercises-reference exercises-stubs nbval lab bench exercises setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m minilora demo
+
+test: lint pytest exercises-reference exercises-stubs nbval
+
+lint: $(STAMP)
+	$(PY) -m ruff check minilora tests exercises benchmarks scripts
+
+pytest: $(STAMP)
+	$(PY) -m pytest -q tests
+
+exercises-reference: $(STAMP)
+	$(PY) -m pytest -q exercises --impl=reference
+
+exercises-stubs: $(STAMP)
+	$(PY) exercises/check_stubs_fail.py
+
+nbval: $(STAMP)
+	$(PY) -m pytest -q --nbval notebooks -p no:cacheprovider
+
+lab: $(STAMP)
+	$(PY) -m jupyter lab notebooks
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+exercises: $(STAMP)
+	$(PY) -m pytest exercises --impl=learner -v --tb=short
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache

@@ -1,0 +1,70 @@
+"""How the exercise tests find the code they test.
+
+Every exercise test asks the `implementation` fixture for a module by its minilora name, e.g.
+`implementation("lora")`, and calls the functions it finds there. Which module comes back is chosen
+on the command line (or with environment variables, handy for instructors' scripts):
+
+    pytest exercises --impl=learner                  # exercises/learner/lora.py  (the default)
+    pytest exercises --impl=reference                # minilora/lora.py, the book's solution
+    pytest exercises --learner-dir=/path/to/student  # grade someone else's folder of stubs
+
+    MINILORA_IMPL=reference  MINILORA_LEARNER_DIR=/path/to/student   (same, as variables)
+"""
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--impl",
+        choices=("learner", "reference"),
+        default=os.environ.get("MINILORA_IMPL", "learner"),
+        help="test the learner's stubs (default) or minilora's reference solution",
+    )
+    parser.addoption(
+        "--learner-dir",
+        default=os.environ.get("MINILORA_LEARNER_DIR", str(HERE / "learner")),
+        help="folder holding the learner's lora.py, nf4.py, ... (default: exercises/learner)",
+    )
+
+
+def pytest_report_header(config):
+    impl = config.getoption("--impl")
+    where = "minilora (reference solution)" if impl == "reference" else config.getoption("--learner-dir")
+    return f"minilora exercises: testing {where}"
+
+
+def _load_learner_module(folder: Path, name: str):
+    path = folder / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"--learner-dir={folder}: no file {name}.py there (expected {path})")
+    # A unique module name per folder, so two students' files never shadow each other.
+    spec = importlib.util.spec_from_file_location(f"learner_{abs(hash(str(folder)))}_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def implementation(request):
+    """`implementation("nf4")` -> the module under test (learner's file or minilora.nf4)."""
+    impl = request.config.getoption("--impl")
+    folder = Path(request.config.getoption("--learner-dir")).resolve()
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            if impl == "reference":
+                cache[name] = importlib.import_module(f"minilora.{name}")
+            else:
+                cache[name] = _load_learner_module(folder, name)
+        return cache[name]
+
+    return load

@@ -1,0 +1,27 @@
+"""Exercise 4: double quantization of the absmax constants (Chapter 4, chapters/04-double-quant.md).
+
+Fill in the body that raises NotImplementedError, then run
+
+    .venv/bin/python -m pytest exercises/test_04_double_quant.py            # against this file
+
+until everything passes. The book's solution is minilora/double_quant.py; try without it first.
+
+You write: `double_quantize` (8-bit blockwise quantization of the first-level constants).
+Given: `dynamic_map`, bitsandbytes' signed dynamic 8-bit map (256 sorted levels in [-1, 1]); building it
+bit-exactly is a detail of Chapter 4, not the idea of double quantization.
+"""
+
+import torch  # noqa: F401
+
+from minilora.double_quant import dynamic_map  # noqa: F401  (given: the 256 levels you round to)
+
+
+def double_quantize(absmax: torch.Tensor, blocksize: int = 256):
+    """(qabsmax uint8, absmax2 float32 per block of `blocksize`, offset float32 scalar)."""
+    raise NotImplementedError(
+        "hint: offset = absmax.mean(); centre the constants (absmax - offset), so both signs of the map "
+        "are used. Split them into blocks of `blocksize` (the last may be partial): absmax2 = max |centred| "
+        "per block. Scale each centred value by its block's absmax2 and round to the NEAREST level of "
+        "dynamic_map() (searchsorted on the midpoints between neighbouring levels; work in float64 to make "
+        "'nearest' exact). Return the indices as uint8. How many bits per parameter does this cost at "
+        "blocksize 64, compared with float32 constants?")

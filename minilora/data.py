@@ -1,0 +1,357 @@
+"""The book's running example: a tiny Llama, a toy "pretraining" language, and a new skill to teach it.
+
+Every chapter adapts the same model to the same task, so that LoRA, AdaLoRA and QLoRA can be compared on
+one footing. Real fine-tuning starts from a model that already knows a language and teaches it something
+it cannot yet do. We rebuild that situation in miniature, small enough to run on a laptop CPU in seconds:
+
+    pretraining ("pretrain"):  copy a random string        <bos> d a n k o c f i <sep> d a n k o c f i <eos>
+    fine-tuning ("finetune"):  copy it through a cipher    <bos> d a n k o c f i <sep> e b o l p d g j <eos>
+
+The fine-tuning answer is the copy with every letter moved one place on in the alphabet (a→b, …, p→a): a
+Caesar cipher. The pretrained model already has the hard part, the attention that finds the letter to copy,
+and lacks only the letter map. So it starts near 0 % on the new task, and a small change of its weights
+(exactly what LoRA offers) is enough to learn it.
+
+Reading order: the vocabulary and `encode`/`decode`; the tasks (`make_task`, `TaskData`); the model
+(`tiny_llama_config`, `build_tiny_llama`); `evaluate`; the training loop `finetune`; and finally
+`pretrained_tiny_llama`, which pretrains once with `finetune` itself and caches the weights on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# -- vocabulary ------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<sep>", "<eos>"]
+LETTERS = list("abcdefghijklmnop")
+VOCAB = SPECIAL_TOKENS + LETTERS
+PAD_ID, BOS_ID, SEP_ID, EOS_ID = range(4)
+FIRST_LETTER_ID = len(SPECIAL_TOKENS)
+
+SEQ_LEN = 8                          # letters in each string
+PROMPT_LEN = 1 + SEQ_LEN + 1         # <bos> x_1 … x_8 <sep>
+RESPONSE_LEN = SEQ_LEN + 1           # y_1 … y_8 <eos>
+TASKS = ("pretrain", "finetune")
+
+_TOKEN_PATTERN = re.compile(r"<[a-z]+>|\S")
+
+
+def encode(text: str) -> list[int]:
+    """Text → token ids. Special tokens are written like `<bos>`, letters one character each; spaces are
+    ignored."""
+    ids = []
+    for token in _TOKEN_PATTERN.findall(text):
+        if token not in VOCAB:
+            raise ValueError(f"encode: unknown token {token!r} in text={text!r}; allowed tokens are {VOCAB}")
+        ids.append(VOCAB.index(token))
+    return ids
+
+
+def decode(ids) -> str:
+    """Token ids (list or 1-d tensor) → text, e.g. "<bos>abc<sep>bcd<eos>". Padding is dropped."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    for i in ids:
+        if not 0 <= i < len(VOCAB):
+            raise ValueError(f"decode: token id {i} is outside the vocabulary (0 … {len(VOCAB) - 1})")
+    return "".join(VOCAB[i] for i in ids if i != PAD_ID)
+
+
+# -- tasks -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskData:
+    """n examples of one task, all of the same length L = PROMPT_LEN + RESPONSE_LEN = 19.
+
+    `input_ids` (n, L) holds prompt and response; `labels` (n, L) is the same with every prompt position set
+    to -100, the index PyTorch's cross-entropy ignores, so the loss only counts the response tokens.
+    Index or slice it like a tensor (`data[:100]`, `data[idx]`) to get a smaller TaskData.
+    """
+
+    task: str
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    prompt_len: int = PROMPT_LEN
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, index) -> TaskData:
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return TaskData(self.task, self.input_ids[index], self.labels[index], self.prompt_len)
+
+    def text(self, i: int) -> str:
+        """Example i as text: "<bos>dankocfi<sep>ebolpdgj<eos>"."""
+        return decode(self.input_ids[i])
+
+
+def cipher(letters: torch.Tensor) -> torch.Tensor:
+    """The new skill: move every letter one place on in the alphabet, wrapping around (a→b, …, p→a)."""
+    return (letters - FIRST_LETTER_ID + 1) % len(LETTERS) + FIRST_LETTER_ID
+
+
+def make_task(task: str, n: int, seed: int) -> TaskData:
+    """n random examples of `task` ("pretrain": copy the string, "finetune": copy it through `cipher`).
+
+    The same (task, n, seed) always gives the same tensors; different seeds give independent examples (with
+    16^8 ≈ 4.3e9 possible strings, a train and an eval set practically never share one).
+    """
+    if task not in TASKS:
+        raise ValueError(f"make_task: task={task!r} is not one of {TASKS}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"make_task: n must be a positive integer, got n={n!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"make_task: seed must be an integer, got seed={seed!r}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(FIRST_LETTER_ID, len(VOCAB), (n, SEQ_LEN), generator=generator)
+    y = x if task == "pretrain" else cipher(x)
+
+    def column(token_id):
+        return torch.full((n, 1), token_id, dtype=torch.long)
+
+    input_ids = torch.cat([column(BOS_ID), x, column(SEP_ID), y, column(EOS_ID)], dim=1)
+    labels = input_ids.clone()
+    labels[:, :PROMPT_LEN] = -100
+    return TaskData(task, input_ids, labels)
+
+
+def task_to_jsonl_records(data: TaskData) -> list[dict]:
+    """One {"prompt": ..., "response": ...} dict per example (for JSONL files); encode(prompt + response)
+    gives the example's input_ids back."""
+    return [{"prompt": decode(row[:data.prompt_len]), "response": decode(row[data.prompt_len:])}
+            for row in data.input_ids]
+
+
+def records_to_task(records: list[dict], task: str = "finetune") -> TaskData:
+    """The inverse of `task_to_jsonl_records` (for training from a JSONL file of this task's examples)."""
+    rows, prompt_lens = [], set()
+    for i, record in enumerate(records):
+        prompt, response = encode(record["prompt"]), encode(record["response"])
+        if len(prompt) + len(response) != PROMPT_LEN + RESPONSE_LEN:
+            raise ValueError(f"records_to_task: record {i} has {len(prompt)} prompt + {len(response)} "
+                             f"response tokens; this task needs {PROMPT_LEN} + {RESPONSE_LEN}")
+        rows.append(prompt + response)
+        prompt_lens.add(len(prompt))
+    if prompt_lens != {PROMPT_LEN}:
+        raise ValueError(f"records_to_task: every prompt must have {PROMPT_LEN} tokens, "
+                         f"got prompts of {sorted(prompt_lens)} tokens")
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    labels = input_ids.clone()
+    labels[:, :PROMPT_LEN] = -100
+    return TaskData(task, input_ids, labels)
+
+
+# -- the model -------------------------------------------------------------------------------------------
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A Llama with the module names of the real thing (q_proj … down_proj, lm_head), shrunk to 76,608
+    parameters. Keyword overrides go straight to LlamaConfig."""
+    settings = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        use_cache=False,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def build_tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama; the same seed gives the same weights (global RNG left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(tiny_llama_config(**overrides))
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, data: TaskData, batch_size: int = 256) -> dict:
+    """{"loss": mean cross-entropy per response token, "accuracy": fraction of examples answered exactly}.
+
+    Accuracy is exact match under teacher forcing: an example counts only if the argmax prediction is right
+    at every response position (all 8 letters and <eos>). Because a greedy decoder that has been right so far
+    sees exactly the teacher-forced prefix, this equals the exact-match accuracy of greedy generation.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be a positive integer, got batch_size={batch_size!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, tokens, correct = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data[start:start + batch_size]
+        logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits.float()
+        logits, targets = logits[:, :-1], batch.labels[:, 1:].to(device)     # position t predicts token t+1
+        scored = targets != -100
+        loss_sum += torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum").item()
+        tokens += int(scored.sum())
+        right = (logits.argmax(-1) == targets) | ~scored
+        correct += int(right.all(dim=1).sum())
+    model.train(was_training)
+    return {"loss": loss_sum / tokens, "accuracy": correct / len(data)}
+
+
+# -- training --------------------------------------------------------------------------------------------
+
+
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
+    """(steps, batch_size) example indices: shuffled epochs, one after another, from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    epochs = -(-steps * batch_size // n)                                        # ceil division
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)])
+    return order[:steps * batch_size].view(steps, batch_size)
+
+
+def finetune(model, train_data: TaskData, steps: int, lr: float | None, batch_size: int = 32, seed: int = 0,
+             optimizer=None, after_step=None, eval_data: TaskData | None = None,
+             eval_every: int | None = None, progress: bool = False, extra_loss=None) -> dict:
+    """Train the parameters that have requires_grad on `train_data` for `steps` steps; returns the history.
+
+    One step: forward → loss on the response tokens (+ `extra_loss(model)` if given, e.g. AdaLoRA's
+    orthogonality penalty) → backward → optimizer.step() → `after_step(step)` → zero_grad(). `step` counts
+    from 0, and `after_step` sees the gradients (AdaLoRA's allocator needs them). The default optimizer is
+    AdamW(lr, weight_decay=0) over the trainable parameters; pass `optimizer` to use another (lr is then
+    unused). With `eval_data`, the model is evaluated before training, every `eval_every` steps and at the
+    end. Batches are drawn from shuffled epochs (`batch_order`), so the run is deterministic given `seed`.
+
+    Returns {"loss": [training loss of each step], "eval": [(steps done, eval loss, eval accuracy), ...]}.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"finetune: steps must be a positive integer, got steps={steps!r}")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(train_data):
+        raise ValueError(f"finetune: batch_size must be an integer in 1 … {len(train_data)} (the number of "
+                         f"training examples), got batch_size={batch_size!r}")
+    if eval_every is not None and (eval_data is None or not isinstance(eval_every, int) or eval_every < 1):
+        raise ValueError(f"finetune: eval_every={eval_every!r} needs eval_data and must be a positive "
+                         f"integer")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("finetune: the model has no parameter with requires_grad=True; nothing to train")
+    if optimizer is None:
+        if lr is None or lr <= 0:
+            raise ValueError(f"finetune: lr must be > 0 when no optimizer is given, got lr={lr!r}")
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    device = next(model.parameters()).device
+    history = {"loss": [], "eval": []}
+
+    def record_eval(steps_done):
+        result = evaluate(model, eval_data)
+        history["eval"].append((steps_done, result["loss"], result["accuracy"]))
+
+    if eval_data is not None:
+        record_eval(0)
+    order = batch_order(len(train_data), steps, batch_size, seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="training", leave=False)
+    model.train()
+    for step in range(steps):
+        batch = train_data[order[step]]
+        input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+        loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss     # mean over response tokens
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        history["loss"].append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+        if eval_data is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+            if not history["eval"] or history["eval"][-1][0] != step + 1:
+                record_eval(step + 1)
+    if bar is not None:
+        bar.close()
+    return history
+
+
+# -- the pretrained model, cached on disk ----------------------------------------------------------------
+
+# Everything that decides the pretrained weights. Change any of it and the cache key changes with it.
+PRETRAIN = dict(model_seed=0, data_seed=0, steps=300, batch_size=64, lr=3e-3)
+
+
+def cache_key(config: LlamaConfig | None = None, pretrain: dict | None = None) -> str:
+    """A short hash of the model config, the pretraining settings and the task definition."""
+    config = tiny_llama_config() if config is None else config
+    settings = config.to_dict()
+    settings.pop("transformers_version", None)
+    content = dict(config=settings, pretrain=PRETRAIN if pretrain is None else pretrain, vocab=VOCAB,
+                   seq_len=SEQ_LEN, task="copy")
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """$MINILORA_CACHE if set, else .cache/minilora/ in the repository root."""
+    if os.environ.get("MINILORA_CACHE"):
+        return Path(os.environ["MINILORA_CACHE"])
+    return Path(__file__).resolve().parent.parent / ".cache" / "minilora"
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see the old file or the new one."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def pretrained_tiny_llama(cache_dir=None, progress: bool = False) -> LlamaForCausalLM:
+    """The tiny Llama after pretraining on the copy task (100 % exact match on it, ~0 % on "finetune").
+
+    The first call trains it (300 steps, well under a minute on a CPU) with `finetune` and writes
+    tiny-llama-<key>.safetensors and tiny-llama-<key>.json to `cache_dir` (default: `default_cache_dir()`);
+    later calls load those files. Every call returns a fresh model in eval mode, so callers may change it.
+    """
+    config = tiny_llama_config()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cache_key(config)
+    weights_path = cache_dir / f"tiny-llama-{key}.safetensors"
+    config_path = cache_dir / f"tiny-llama-{key}.json"
+
+    model = build_tiny_llama(seed=PRETRAIN["model_seed"])
+    if weights_path.exists():
+        model.load_state_dict(load_file(weights_path))
+        return model.eval()
+
+    data = make_task("pretrain", PRETRAIN["steps"] * PRETRAIN["batch_size"], seed=PRETRAIN["data_seed"])
+    finetune(model, data, steps=PRETRAIN["steps"], lr=PRETRAIN["lr"], batch_size=PRETRAIN["batch_size"],
+             seed=PRETRAIN["data_seed"], progress=progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    _write_atomically(config_path, lambda tmp: Path(tmp).write_text(config.to_json_string()))
+    _write_atomically(weights_path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    return model.eval()

@@ -1,0 +1,388 @@
+"""NF4: 4-bit NormalFloat codes and blockwise 4-bit quantization (Dettmers et al., QLoRA, 2023, §3).
+
+A 4-bit weight format needs two things: 16 code values ("levels") and a rule that maps every weight to one
+of them. QLoRA's rule is blockwise absmax scaling (QLoRA eq. 1, applied per block):
+
+    absmax_b = max_{i in block b} |W_i|            one float32 constant per `blocksize` consecutive weights
+    q_i      = argmin_j | code[j] - W_i / absmax_b |    the nearest of the 16 levels, stored in 4 bits
+    Ŵ_i      = code[q_i] · absmax_b                    dequantization
+
+Dividing by absmax maps every block into [-1, 1]; the choice of the 16 levels in [-1, 1] decides how much is
+lost. Pretrained weights are roughly normal, so NF4 places its levels at quantiles of N(0, 1): every level
+is used about equally often (quantile quantization, QLoRA eq. 4). `fp4_code` (a 4-bit float, E2M1) and
+`int4_code` (evenly spaced integers) are the two baselines QLoRA compares against.
+
+Everything here is byte-for-byte equal to bitsandbytes 0.50 (`bitsandbytes.functional.quantize_4bit` /
+`dequantize_4bit`), checked by tests/test_nf4.py. Reading order: the codes (`nf4_code`, `fp4_code`,
+`int4_code`), nearest-code lookup (`code_midpoints`), packing (`pack_4bit`, `unpack_4bit`), then
+`quantize_4bit` and `dequantize_4bit`. The reference versions (`quantize_4bit_reference`,
+`dequantize_4bit_reference`) are the whole algorithm in a dozen lines; `quantize_4bit` and `dequantize_4bit`
+run the same steps over chunks of blocks (bounded memory, cache-friendly) and are tested to give identical
+bytes and values.
+
+Supported: blocksize a power of two from 32 to 4096 (exactly what bitsandbytes accepts), x of dtype
+float16, bfloat16, float32 or float64 (computed in float32, as bitsandbytes does), any shape, any length
+(a last partial block is allowed; an odd length is padded with one code for 0 in the last byte).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4", "int4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# NF4's outermost probability: Φ⁻¹(NF4_OFFSET) ≈ 1.848 becomes the level 1.0. It cannot be 1 (Φ⁻¹(1) = ∞);
+# 0.9677083 = ½·[(1 - 1/30) + (1 - 1/32)], halfway between the centre of the last of 15 equal-probability
+# slices and that of the last of 16 (see chapters/03-nf4.md).
+NF4_OFFSET = 0.9677083
+
+# How many elements one step of the chunked kernels handles: big enough that Python overhead vanishes,
+# small enough that the float32 temporaries (~4 copies of a chunk) stay in the CPU cache.
+CHUNK_ELEMENTS = 1 << 18
+
+
+# ----------------------------------------------------------------------------------------------------
+# The 16 levels
+# ----------------------------------------------------------------------------------------------------
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 levels in [-1, 1], sorted ascending; index 7 is exactly 0 (QLoRA §3, "4-bit NormalFloat").
+
+    Asymmetric on purpose: 8 positive quantiles, 7 negative ones and an exact zero (so that zero weights,
+    e.g. padding, stay zero). Each half is a set of normal quantiles Φ⁻¹(p) with p evenly spaced from
+    NF4_OFFSET down to 0.5 (the p = 0.5 end, Φ⁻¹ = 0, is dropped and replaced by the shared zero):
+
+        positive: Φ⁻¹(linspace(NF4_OFFSET, 0.5, 9)[:-1])      8 levels
+        negative: -Φ⁻¹(linspace(NF4_OFFSET, 0.5, 8)[:-1])     7 levels
+
+    then everything is divided by the largest level so the code spans [-1, 1]. To reproduce bitsandbytes'
+    table to the last bit, the probabilities are float32 (torch.linspace), Φ⁻¹ runs in float64 (float32
+    ndtri is off by a few ulp), and the result is rounded to float32 before sorting and normalising.
+    """
+    positive_p = torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float32)[:-1]
+    negative_p = torch.linspace(NF4_OFFSET, 0.5, 8, dtype=torch.float32)[:-1]
+    positive = torch.special.ndtri(positive_p.double()).float()
+    negative = -torch.special.ndtri(negative_p.double()).float()
+    levels = torch.cat([positive, torch.zeros(1), negative]).sort().values
+    return levels / levels.max()
+
+
+def fp4_code() -> torch.Tensor:
+    """The 16 FP4 (E2M1) levels in bitsandbytes' bit-pattern order: code[q] is the value of 4-bit pattern q.
+
+    Bit 3 is the sign, bits 2-1 an exponent e, bit 0 a mantissa bit m. bitsandbytes' FP4 counts its
+    exponent downwards: e = 1, 2, 3 give 8, 4, 2 times (1 + m/2), and e = 0 is subnormal (m · 0.0625).
+    Magnitudes by pattern 0..7: 0, 0.0625, 8, 12, 4, 6, 2, 3; patterns 8..15 are their negatives. Divided
+    by the largest magnitude (12), so the code spans [-1, 1]. Not sorted: use `code_midpoints`, which sorts
+    first, to find nearest levels.
+
+    Pattern 8 is negative zero, -0.0. Nearest-level rounding sends values in (0, 0.0026] to it (the
+    second of the two equal zeros), and bitsandbytes' native CPU kernel decodes it as -0.0, so we do too.
+    (bitsandbytes' Python table `get_4bit_type("fp4")` stores +0.0 there; equal as numbers, and its
+    pure-PyTorch fallback returns +0.0.)
+    """
+    magnitudes = []
+    for pattern in range(8):
+        exponent, mantissa = pattern >> 1, pattern & 1
+        if exponent == 0:
+            magnitudes.append(0.0625 * mantissa)
+        else:
+            magnitudes.append(2.0 ** (4 - exponent) * (1 + mantissa / 2))
+    levels = torch.tensor(magnitudes + [-m for m in magnitudes], dtype=torch.float32)
+    return levels / levels.abs().max()
+
+
+def int4_code() -> torch.Tensor:
+    """Int4: symmetric, evenly spaced levels k/7 for k = -7..7 (QLoRA eq. 1 with 4 bits: round(7 · x/absmax)).
+
+    15 distinct levels; the 16th bit pattern is a second zero. Laid out sign-magnitude like the int4 list
+    in bitsandbytes' `get_4bit_type`: pattern q < 8 is (7 - q)/7, pattern 8 + k is -k/7. bitsandbytes'
+    quantize_4bit offers only nf4 and fp4, so Int4 has no oracle; it is here as QLoRA's baseline.
+    """
+    magnitudes = [float(7 - q) for q in range(8)]  # 7, 6, ..., 1, 0
+    levels = torch.tensor(magnitudes + [-float(k) for k in range(8)], dtype=torch.float32)
+    levels[8] = 0.0  # -0.0 stored as +0.0
+    return levels / 7.0
+
+
+def get_code(quant_type: str) -> torch.Tensor:
+    """The 16 levels of `quant_type` ("nf4", "fp4" or "int4"), indexed by 4-bit pattern."""
+    check_quant_type(quant_type)
+    return {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}[quant_type]()
+
+
+def code_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decision boundaries for nearest-level rounding: (midpoints, order).
+
+    Sort the levels (`order[j]` is the pattern of the j-th smallest level; a stable sort, so of two equal
+    levels the lower pattern comes first), then the boundary between neighbours is their float32 midpoint.
+    A value v rounds to sorted position j = number of midpoints strictly below v — so an exact tie goes
+    to the lower level, as in bitsandbytes — and its 4-bit pattern is order[j].
+    """
+    order = torch.sort(code, stable=True).indices
+    levels = code[order]
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    return midpoints, order
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing: two 4-bit patterns per byte, the first element in the high nibble
+# ----------------------------------------------------------------------------------------------------
+
+
+def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit patterns (integers 0..15, any shape, read flat) into bytes: byte[k] = q[2k] << 4 | q[2k+1].
+
+    An odd count is padded with a 0 pattern in the last low nibble (`quantize_4bit` pads with the pattern of
+    the value 0 instead, like bitsandbytes). Returns a flat uint8 tensor of ceil(n/2) bytes.
+    """
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"codes: expected an integer tensor of 4-bit patterns, got dtype {codes.dtype}")
+    q = codes.reshape(-1).to(torch.uint8)
+    if q.numel() and int(q.max()) > 15:
+        raise ValueError(f"codes: 4-bit patterns must be in 0..15, got a maximum of {int(q.max())}")
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_zeros(1)])
+    return (q[0::2] << 4) | q[1::2]
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_4bit`: the first `n` 4-bit patterns (uint8, flat) stored in `packed`."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed: expected dtype torch.uint8, got {packed.dtype}")
+    if n < 0 or (n + 1) // 2 != packed.numel():
+        raise ValueError(f"packed: {packed.numel()} bytes cannot hold n={n} 4-bit values "
+                         f"(need exactly ceil(n/2) = {(n + 1) // 2})")
+    flat = packed.reshape(-1)
+    q = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)
+    return q[:n]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_quant_type(quant_type) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type: expected one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def check_blocksize(blocksize) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize: expected a power of two from 32 to 4096, one of {BLOCKSIZES}, "
+                         f"got {blocksize!r}")
+
+
+def check_input(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x: expected a floating-point tensor {FLOAT_DTYPES}, got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x: cannot quantize an empty tensor (shape {tuple(x.shape)})")
+
+
+def check_finite(absmax: torch.Tensor) -> None:
+    # max|x| over a block is NaN or Inf exactly when the block holds a NaN or an Inf: one cheap test.
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("x: contains NaN or Inf (after conversion to float32); cannot quantize")
+
+
+def check_stored(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.Size:
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    try:
+        shape = torch.Size(shape)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"shape: expected a sequence of ints, got {shape!r}") from err
+    n = math.prod(shape)
+    if n <= 0:
+        raise ValueError(f"shape: expected a non-empty shape, got {tuple(shape)}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError(f"packed: expected a uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed: shape {tuple(shape)} has {n} values, which need {(n + 1) // 2} bytes, "
+                         f"got {packed.numel()}")
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
+        raise ValueError(f"absmax: expected a float32 tensor, got {getattr(absmax, 'dtype', type(absmax))}")
+    if absmax.numel() != -(-n // blocksize):
+        raise ValueError(f"absmax: {n} values in blocks of {blocksize} need {-(-n // blocksize)} constants, "
+                         f"got {absmax.numel()}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+    return shape
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantize: the reference, then the same steps in chunks
+# ----------------------------------------------------------------------------------------------------
+
+
+def quantize_4bit_reference(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """Blockwise 4-bit quantization in one piece, the algorithm as plainly as possible.
+
+    Same result as `quantize_4bit` (tests check byte equality); uses several float32 copies of x at once.
+    """
+    check_input(x)
+    check_blocksize(blocksize)
+    midpoints, order = code_midpoints(get_code(quant_type))
+
+    values = x.reshape(-1).float()
+    n = values.numel()
+    full = n - n % blocksize
+
+    # Full blocks: absmax per block, then scale by its reciprocal (multiply, as bitsandbytes does).
+    blocks = values[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = [(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).reshape(-1)]
+    # A last partial block: bitsandbytes stores its absmax clamped to 1e-38 and divides (no reciprocal).
+    if full < n:
+        tail_absmax = values[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax.reshape(1)])
+        scaled.append(values[full:] / tail_absmax)
+    check_finite(absmax)
+    scaled = torch.cat(scaled)
+
+    # Nearest level: count the midpoints strictly below each value (ties -> lower level), then map sorted
+    # position -> bit pattern. No clamp to [-1, 1] is needed: every midpoint lies inside (-1, 1).
+    if n % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])  # pad with the pattern of 0, like bitsandbytes
+    q = order[torch.searchsorted(midpoints, scaled)]
+    return pack_4bit(q), absmax
+
+
+def count_midpoints_below(scaled: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
+    """How many midpoints lie strictly below each value: `searchsorted(midpoints, scaled)`, as float32.
+
+    Same answer as the binary search, computed with whole-tensor arithmetic instead: sign(v - m) is +1 when
+    v > m, -1 when v < m and 0 on a tie (float32 subtraction is exactly 0 only for equal values). Summed
+    over the M midpoints, Σ sign(v - m_j) = below - above = 2·below + ties - M, so
+
+        below = floor((M + Σ_j sign(v - m_j)) / 2)      (a tie adds ½ and is floored away: ties go lower)
+
+    M passes of subtract-and-sign are several times faster on CPU than a per-element binary search.
+    """
+    total = torch.full_like(scaled, float(midpoints.numel()))
+    diff = torch.empty_like(scaled)
+    for m in midpoints.tolist():
+        torch.sub(scaled, m, out=diff)
+        total += diff.sign_()
+    return total.mul_(0.5).floor_()
+
+
+def _quantize_full_blocks(values, blocksize, midpoints, pattern_of_position, packed_out, absmax_out) -> None:
+    """The reference's full-block step for one chunk of float32 values, written into preallocated outputs."""
+    blocks = values.view(-1, blocksize)
+    # max |x| as max(max x, -min x): the same number without an |x| copy; abs_() makes a zero block +0.0.
+    torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_(), out=absmax_out).abs_()
+    scaled = blocks.mul_((1.0 / absmax_out.clamp(min=1e-38)).unsqueeze(1)).view(-1)  # in place: a temporary
+    position = count_midpoints_below(scaled, midpoints).to(torch.uint8)
+    q = pattern_of_position[position.long()] if pattern_of_position is not None else position
+    torch.bitwise_or(q[0::2] << 4, q[1::2], out=packed_out)
+
+
+def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """Blockwise 4-bit quantization (QLoRA eq. 1 per block): (packed, absmax).
+
+    x: any shape, float16/bfloat16/float32/float64, read flat in row-major order. Each block of `blocksize`
+    consecutive values is scaled by 1/absmax of the block and rounded to the nearest level of `quant_type`
+    (exact ties to the lower level), exactly as bitsandbytes does on CPU.
+
+    Returns packed, a flat uint8 tensor of ceil(n/2) bytes (two patterns per byte, first element in the high
+    nibble; an odd n is padded with the pattern of 0), and absmax, float32, one per block (ceil(n/blocksize);
+    a last partial block's absmax is clamped to at least 1e-38, as bitsandbytes stores it).
+
+    The same steps as `quantize_4bit_reference`, run over chunks of CHUNK_ELEMENTS values (so temporary
+    float32 copies stay small: peak extra memory is the outputs plus a few chunks, plus one copy of x if x
+    is not contiguous) and with `count_midpoints_below` in place of the binary search. Tests check that
+    both give the same bytes.
+    """
+    check_input(x)
+    check_blocksize(blocksize)
+    midpoints, order = code_midpoints(get_code(quant_type))
+    pattern_of_position = None if quant_type == "nf4" else order.to(torch.uint8)  # NF4 is sorted already
+
+    flat = x.reshape(-1)
+    n = flat.numel()
+    full = n - n % blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+
+    step = max(CHUNK_ELEMENTS, blocksize)  # a multiple of blocksize (both are powers of two), hence even
+    for start in range(0, full, step):
+        stop = min(start + step, full)
+        chunk = flat[start:stop].to(torch.float32, copy=True)  # a copy even for float32: scaled in place
+        _quantize_full_blocks(chunk, blocksize, midpoints, pattern_of_position,
+                              packed[start // 2: stop // 2], absmax[start // blocksize: stop // blocksize])
+    if full < n:  # the last partial block: clamped absmax and true division (see quantize_4bit_reference)
+        tail = flat[full:].float()
+        absmax[-1] = tail.abs().amax().clamp(min=1e-38)
+        scaled = tail / absmax[-1]
+        if scaled.numel() % 2:
+            scaled = torch.cat([scaled, scaled.new_zeros(1)])  # pad with the pattern of 0
+        q = torch.searchsorted(midpoints, scaled)
+        packed[full // 2:] = pack_4bit(order[q] if pattern_of_position is not None else q)
+    check_finite(absmax)
+    return packed, absmax
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dequantize
+# ----------------------------------------------------------------------------------------------------
+
+
+def dequantize_4bit_reference(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16):
+    """Ŵ = code[q] · absmax[block] in float32, cast to `dtype`: the plain version of `dequantize_4bit`."""
+    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
+    n = math.prod(shape)
+    values = get_code(quant_type)[unpack_4bit(packed, n).long()]
+    scale = absmax.reshape(-1).repeat_interleave(blocksize)[:n]
+    return (values * scale).to(dtype).reshape(shape)
+
+
+def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """256 entries, one per byte value: the float32 levels of its high and low nibble, side by side.
+
+    Each entry's two float32 (8 bytes) are stored as one int64 so that a single 1-D gather moves both;
+    viewing the gathered int64 tensor as float32 gives the decoded levels in element order (a pure byte
+    copy, so it holds on any endianness).
+    """
+    patterns = torch.arange(256)
+    pairs = torch.stack([code[patterns >> 4], code[patterns & 0x0F]], dim=1).contiguous()  # (256, 2) float32
+    return pairs.view(torch.int64).reshape(256)
+
+
+def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16):
+    """Decode `quantize_4bit`'s output: Ŵ_i = code[q_i] · absmax[i // blocksize], reshaped to `shape`.
+
+    The product is formed in float32 and rounded once to `dtype` (bitsandbytes does the same, so results
+    are bit-equal). packed may have any shape (e.g. bitsandbytes' (ceil(n/2), 1)); it is read flat.
+    Decodes a chunk of bytes at a time through `byte_pair_table` (one gather per byte instead of unpacking
+    nibbles), writing straight into the output; tests check it equals `dequantize_4bit_reference` bit for
+    bit.
+    """
+    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
+    n = math.prod(shape)
+    table = byte_pair_table(get_code(quant_type))
+    flat_bytes = packed.reshape(-1)
+    flat_absmax = absmax.reshape(-1)
+    out = torch.empty(n, dtype=dtype)
+    full = n - n % blocksize
+
+    step = max(CHUNK_ELEMENTS, blocksize)
+    for start in range(0, full, step):
+        stop = min(start + step, full)
+        levels = table.index_select(0, flat_bytes[start // 2: stop // 2].long()).view(torch.float32)
+        levels = levels.view(-1, blocksize)
+        scale = flat_absmax[start // blocksize: stop // blocksize].unsqueeze(1)
+        torch.mul(levels, scale, out=out[start:stop].view(-1, blocksize))  # float32 product, one rounding
+    if full < n:
+        levels = table.index_select(0, flat_bytes[full // 2:].long()).view(torch.float32)[: n - full]
+        out[full:] = levels * flat_absmax[-1]
+    return out.reshape(shape)

@@ -1,0 +1,884 @@
+"""The training loop and its command line: full fine-tuning, LoRA, AdaLoRA and QLoRA with one readable loop.
+
+    python -m minilora.train --model tiny --method qlora --max-steps 200 --output-dir runs/qlora-tiny
+
+The defaults are the QLoRA paper's 7B recipe (Dettmers et al., 2023, appendix B): r 64, α 16, dropout 0.1
+on all linear layers but the head, lr 2e-4 constant with 3 % warm-up, max_grad_norm 0.3, paged AdamW,
+batch 1 × 16 gradient accumulation, gradient checkpointing and bf16 compute (on a GPU that has bf16; on a
+CPU the compute stays fp32 unless you ask, since CPUs without bf16 instructions run bf16 matmuls slowly).
+
+One optimizer step of the loop (`train`):
+
+    for each of grad_accum micro-batches:   loss = model(batch).loss (+ AdaLoRA's orthogonality penalty)
+                                             (loss / grad_accum).backward()
+    clip the gradient norm to max_grad_norm
+    optimizer.step(); AdaLoRA: allocator.update_and_allocate(step); scheduler.step(); zero_grad()
+    log a metrics row; evaluate every eval_every steps; checkpoint every save_every steps
+
+Everything that decides the next loss is in a checkpoint (trainable weights, optimizer state — paged state
+included —, scheduler, RNG states, the data position, AdaLoRA's scores), so `--resume` continues with
+exactly the losses the uninterrupted run would have had (tests/test_train.py checks equality).
+
+Reading order: `TrainConfig` (every option, validated), data (`TokenData`, `Batches`, `load_data`), model and
+method (`load_model`, `apply_method`), optimizer and schedule, `evaluate`, checkpoints, `train`, `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minilora import data as running_example
+from minilora.adapters import save_adapter
+from minilora.lora import LoraConfig, add_lora, count_parameters
+from minilora.paged import PagedAdamW
+from minilora.qlora import prepare_for_kbit_training, quantize_model
+
+METHODS = ("full", "lora", "adalora", "qlora")
+OPTIMIZERS = ("adamw", "paged_adamw")
+SCHEDULES = ("constant", "cosine")
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+RUNNING_EXAMPLE = "running-example"
+# The running example's train and eval sets are fixed (independent of --seed, which orders and initialises).
+TRAIN_DATA_SEED, EVAL_DATA_SEED = 1001, 1002
+# Options that may differ between a run and its resumption (they do not change what is computed so far).
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "eval_every", "save_every", "save_total_limit",
+                     "max_steps", "output_dir", "device"}
+
+# Architectures `--model` knows by name. "tiny" is the book's pretrained running-example model; the others
+# are shapes for `--random-init` runs (memory and speed measurements without downloading weights).
+PRESETS = {
+    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The options
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run. Field names are the CLI flags with '-' for '_' (`--lora-alpha`)."""
+
+    # what to train
+    model: str = "tiny"  # a local Hugging Face folder, "tiny" (running example) or a PRESETS name
+    random_init: bool = False  # build the architecture with random weights instead of loading them
+    data: str = RUNNING_EXAMPLE  # "running-example" or a JSONL file of {"prompt": ..., "response": ...}
+    eval_data: str | None = None  # JSONL for evaluation (the running example has its own eval set)
+    train_samples: int = 4096  # running example: training examples
+    eval_samples: int = 512  # running example: evaluation examples
+    max_seq_len: int = 512  # JSONL: longer examples are cut at this many tokens
+    # how
+    method: str = "qlora"
+    r: int = 64
+    lora_alpha: float = 16
+    lora_dropout: float = 0.1
+    target: str = "all-linear"  # "all-linear", or comma-separated module names ("q_proj,v_proj")
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    target_r: int = 8  # AdaLoRA: final average rank (r is the initial rank)
+    tinit: int = 0  # AdaLoRA: warm-up steps before pruning
+    tfinal: int = 0  # AdaLoRA: final steps with the rank pattern fixed
+    delta_t: int = 1  # AdaLoRA: steps between maskings
+    orth_reg_weight: float = 0.5  # AdaLoRA: weight of the orthogonality penalty
+    # optimization
+    optimizer: str = "paged_adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    schedule: str = "constant"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3  # 0 turns clipping off
+    batch_size: int = 1
+    grad_accum: int = 16
+    max_steps: int = 1875  # the paper's Guanaco-7B run
+    gradient_checkpointing: bool = True
+    compute_dtype: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    # bookkeeping
+    output_dir: str = "runs/train"
+    eval_every: int = 187  # 0: evaluate only at the end
+    save_every: int = 250  # 0: no intermediate checkpoints
+    save_total_limit: int = 2  # keep this many checkpoints (0: keep all)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the option, its value and what is allowed."""
+        choices = dict(method=METHODS, optimizer=OPTIMIZERS, schedule=SCHEDULES,
+                       compute_dtype=tuple(COMPUTE_DTYPES), quant_type=("nf4", "fp4", "int4"),
+                       blocksize=(32, 64, 128, 256, 512, 1024, 2048, 4096))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{_flag(name)} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive_ints = ("r", "batch_size", "grad_accum", "max_steps", "train_samples", "eval_samples",
+                         "max_seq_len", "target_r", "delta_t")
+        for name in positive_ints:
+            _check_int(name, getattr(self, name), 1)
+        for name in ("eval_every", "save_every", "save_total_limit", "tinit", "tfinal", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        _check_range("lora_alpha", self.lora_alpha, 0, None, low_open=True)
+        _check_range("lora_dropout", self.lora_dropout, 0, 1, high_open=True)
+        _check_range("lr", self.lr, 0, None, low_open=True)
+        _check_range("weight_decay", self.weight_decay, 0, None)
+        _check_range("adam_beta1", self.adam_beta1, 0, 1, high_open=True)
+        _check_range("adam_beta2", self.adam_beta2, 0, 1, high_open=True)
+        _check_range("warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        _check_range("max_grad_norm", self.max_grad_norm, 0, None)
+        _check_range("orth_reg_weight", self.orth_reg_weight, 0, None)
+        if self.method == "adalora" and self.target_r > self.r:
+            raise ValueError(f"--target-r must be <= --r (AdaLoRA starts at rank r and prunes down to "
+                             f"target_r), got target_r={self.target_r} > r={self.r}")
+        if not isinstance(self.target, str) or not self.target.strip():
+            raise ValueError(f"--target must be 'all-linear' or comma-separated module names, "
+                             f"got {self.target!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
+                                 f"got {self.device!r}") from err
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_int(name, value, low) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"--{_flag(name)} must be an integer >= {low}, got {value!r}")
+
+
+def _check_range(name, value, low, high, low_open=False, high_open=False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        upper = "∞)" if high is None else f"{high}{')' if high_open else ']'}"
+        interval = f"{'(' if low_open else '['}{low}, {upper}"
+        raise ValueError(f"--{_flag(name)} must be a number in {interval}, got {value!r}")
+
+
+def make_config(config=None, **overrides) -> TrainConfig:
+    """A validated TrainConfig from a TrainConfig, a dict or an argparse.Namespace, plus keyword overrides."""
+    if config is None:
+        values = {}
+    elif isinstance(config, TrainConfig):
+        values = dataclasses.asdict(config)
+    elif isinstance(config, argparse.Namespace):
+        values = vars(config)
+    elif isinstance(config, dict):
+        values = dict(config)
+    else:
+        raise TypeError(f"config must be a TrainConfig, dict or argparse.Namespace, "
+                        f"got {type(config).__name__}")
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known options are {sorted(known)}")
+    result = TrainConfig(**values)
+    result.validate()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: token tensors, shuffled micro-batches, the JSONL reader
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenData:
+    """n examples, right-padded to a common length: input_ids, labels (-100 = not scored), attention_mask.
+
+    Right padding is harmless for a causal LM: a pad token sits after every real token, so no real token
+    attends to it, and its label is -100, so it adds nothing to the loss.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The examples at `index`, trimmed to the longest one among them."""
+        mask = self.attention_mask[index]
+        length = int(mask.sum(dim=1).max())
+        return {"input_ids": self.input_ids[index, :length], "labels": self.labels[index, :length],
+                "attention_mask": mask[:, :length]}
+
+
+class Batches:
+    """Micro-batches in shuffled epochs. `position` (micro-batches served so far) is the loader's whole state:
+    epoch e's order is randperm(n) drawn from a generator seeded with seed + e, so any position can be
+    restarted exactly."""
+
+    def __init__(self, data: TokenData, batch_size: int, seed: int, position: int = 0):
+        if batch_size > len(data):
+            raise ValueError(f"--batch-size={batch_size} is larger than the {len(data)} training examples")
+        self.data, self.batch_size, self.seed, self.position = data, batch_size, seed, position
+        self.per_epoch = len(data) // batch_size  # a last partial batch is dropped
+        self._epoch, self._order = None, None
+
+    def next(self) -> dict[str, torch.Tensor]:
+        epoch, k = divmod(self.position, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.data), generator=generator)
+        self.position += 1
+        return self.data.batch(self._order[k * self.batch_size:(k + 1) * self.batch_size])
+
+
+def read_jsonl(path) -> list[dict]:
+    """[{"prompt": str, "response": str}, ...] from a JSONL file; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data: no such file {str(path)!r} "
+                                f"(give 'running-example' or a JSONL file)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno}): "
+                                 f"{line.strip()[:80]!r}") from None
+            if (not isinstance(record, dict) or not isinstance(record.get("prompt"), str)
+                    or not isinstance(record.get("response"), str)):
+                raise ValueError(f"{path}:{line_no}: each line must be an object with string fields "
+                                 f"'prompt' and 'response', got {line.strip()[:80]!r}")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: the file holds no examples")
+    return records
+
+
+class CharTokenizer:
+    """The running example's tokenizer (one token per letter, `<bos>`-style specials), for JSONL files."""
+
+    pad_token_id = running_example.PAD_ID
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return running_example.encode(text)
+
+    def response_ids(self, text: str) -> list[int]:
+        return running_example.encode(text)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer: the prompt gets the model's start tokens, the response ends in EOS."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = 0 if pad is None else pad
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def response_ids(self, text: str) -> list[int]:
+        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+
+
+def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, source: str) -> TokenData:
+    """Prompt + response token ids, labels -100 on the prompt (the loss is on the response only)."""
+    rows, label_rows = [], []
+    for i, record in enumerate(records):
+        try:
+            prompt = tokenizer.prompt_ids(record["prompt"])
+            response = tokenizer.response_ids(record["response"])
+        except ValueError as err:
+            raise ValueError(f"{source}: example {i + 1}: {err}") from None
+        ids = (prompt + response)[:max_seq_len]
+        labels = ([-100] * len(prompt) + response)[:max_seq_len]
+        if all(label == -100 for label in labels):
+            raise ValueError(f"{source}: example {i + 1}: no response token left within --max-seq-len="
+                             f"{max_seq_len} (prompt has {len(prompt)} tokens)")
+        rows.append(ids)
+        label_rows.append(labels)
+    length = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows, label_rows)):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        attention_mask[i, :len(ids)] = 1
+    return TokenData(input_ids, labels, attention_mask)
+
+
+def _from_task(task) -> TokenData:
+    return TokenData(task.input_ids, task.labels, torch.ones_like(task.input_ids))
+
+
+def load_data(config: TrainConfig, tokenizer) -> tuple[TokenData, TokenData | None]:
+    """(train, eval) data: the running example's cipher task, or JSONL files."""
+    if config.data == RUNNING_EXAMPLE:
+        train = running_example.make_task("finetune", config.train_samples, seed=TRAIN_DATA_SEED)
+        evaluation = running_example.make_task("finetune", config.eval_samples, seed=EVAL_DATA_SEED)
+        return _from_task(train), _from_task(evaluation)
+    if tokenizer is None:
+        raise ValueError(f"--data {config.data}: a JSONL file needs a tokenizer, and --model {config.model} "
+                         f"has none (a Hugging Face folder with tokenizer files, or 'tiny')")
+    train = tokenize_records(read_jsonl(config.data), tokenizer, config.max_seq_len, config.data)
+    evaluation = None
+    if config.eval_data is not None:
+        evaluation = tokenize_records(read_jsonl(config.eval_data), tokenizer, config.max_seq_len,
+                                      config.eval_data)
+    return train, evaluation
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device, dtypes, model, method
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (CUDA with bf16), fp32 otherwise, unless asked explicitly."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return COMPUTE_DTYPES[name]
+
+
+def load_model(config: TrainConfig, dtype: torch.dtype):
+    """(model, tokenizer or None). `dtype`: the dtype the (frozen or trained) weights are loaded in."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if config.model == "tiny":
+        if config.random_init:
+            model = running_example.build_tiny_llama(seed=config.seed)
+        else:
+            model = running_example.pretrained_tiny_llama()
+        return model.to(dtype), CharTokenizer()
+    if config.model in PRESETS:
+        if not config.random_init:
+            raise ValueError(f"--model {config.model}: a preset is only an architecture (no weights are "
+                             f"downloaded here); add --random-init, or give a local Hugging Face folder")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = LlamaForCausalLM._from_config(LlamaConfig(**PRESETS[config.model]), dtype=dtype)
+        return model, None
+    folder = Path(config.model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {config.model!r}: no such folder, and not a known name "
+                                f"(known: 'tiny', {', '.join(repr(p) for p in PRESETS)})")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model {config.model!r}: not a Hugging Face model folder (no config.json in it)")
+    if config.random_init:
+        from transformers import AutoConfig
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = None
+    if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(folder))
+    return model, tokenizer
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    target = config.target.strip()
+    targets = target if target == "all-linear" else tuple(t.strip() for t in target.split(",") if t.strip())
+    return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets)
+
+
+def apply_method(model: nn.Module, config: TrainConfig, compute_dtype: torch.dtype):
+    """Turn the loaded model into what `config.method` trains; returns (model, adapter config, allocator)."""
+    allocator = None
+    if config.method == "full":
+        model.requires_grad_(True)
+        if config.gradient_checkpointing:
+            model.config.use_cache = False
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model, None, None
+    if config.method == "qlora":
+        quantize_model(model, blocksize=config.blocksize, double_quant=config.double_quant,
+                       quant_type=config.quant_type, compute_dtype=compute_dtype)
+    # Adapters: freeze the base, norms in fp32, checkpointing that still reaches the adapter weights.
+    prepare_for_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    adapter = lora_config(config)
+    if config.method == "adalora":
+        from minilora.adalora import AdaLoraConfig, add_adalora
+
+        adapter = AdaLoraConfig(init_r=config.r, target_r=config.target_r, tinit=config.tinit,
+                                tfinal=config.tfinal, deltaT=config.delta_t, total_step=config.max_steps,
+                                orth_reg_weight=config.orth_reg_weight, lora_alpha=config.lora_alpha,
+                                lora_dropout=config.lora_dropout, target_modules=adapter.target_modules)
+        allocator = add_adalora(model, adapter)
+    else:
+        add_lora(model, adapter)
+    return model, adapter, allocator
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.weight_decay)
+    if config.optimizer == "paged_adamw":
+        return PagedAdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, foreach=False)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The multiplier of the peak lr for optimizer step `step` (0-based), as transformers' schedules:
+
+    warm-up  step / warmup_steps for step < warmup_steps (so the very first step has lr 0);
+    constant 1 afterwards;  cosine  ½ (1 + cos(π · progress)), progress from 0 to 1 over the rest.
+    (Note: transformers' own "constant" schedule ignores warm-up altogether, and the QLoRA repository runs
+    with it, so its warmup_ratio 0.03 has no effect there; ours warms up as asked.)
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup_steps = math.ceil(config.warmup_ratio * config.max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, config.max_steps, config.schedule))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TokenData, device: torch.device, autocast, batch_size: int = 64,
+             progress: bool = False) -> dict:
+    """{"loss": mean cross-entropy per response token, "accuracy": share of examples with every response
+    token right (teacher forcing)} — the running example's definitions (minilora.data.evaluate)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, correct = 0.0, 0, 0
+    starts = range(0, len(data), batch_size)
+    for start in tqdm(starts, desc="eval", leave=False, disable=not progress):
+        batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, targets = logits.float()[:, :-1], batch["labels"][:, 1:]  # position t predicts token t+1
+        scored = targets != -100
+        loss_sum += torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum").item()
+        tokens += int(scored.sum())
+        correct += int(((logits.argmax(-1) == targets) | ~scored).all(dim=1).sum())
+    model.train(was_training)
+    return {"loss": loss_sum / tokens, "accuracy": correct / len(data)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: everything the next loss depends on, written atomically
+# ----------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def allocator_state(allocator) -> dict:
+    """AdaLoRA's allocator: importance EMAs, budget, phase and every layer's rank mask."""
+    return {"exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
+            "updates": allocator.updates, "budget": allocator.budget,
+            "pattern_fixed": allocator.pattern_fixed, "last_step": allocator.last_step,
+            "rank_masks": {name: layer.rank_mask.clone() for name, layer in allocator.layers.items()}}
+
+
+def load_allocator_state(allocator, state: dict) -> None:
+    for key in ("exp_avg_ipt", "exp_avg_unc", "updates", "budget", "pattern_fixed", "last_step"):
+        setattr(allocator, key, state[key])
+    for name, layer in allocator.layers.items():
+        layer.rank_mask = state["rank_masks"][name].to(layer.rank_mask.device)
+    allocator._snapshot = allocator._all_E()
+
+
+def save_checkpoint(run_dir: Path, step: int, model, adapter, optimizer, scheduler, batches, allocator,
+                    keep: int) -> Path:
+    """run_dir/checkpoint-<step>/: trainable.safetensors (exact trainable weights), adapter/ (peft format,
+    for LoRA and QLoRA), training_state.pt (optimizer, scheduler, RNG, data position, AdaLoRA state).
+
+    Written into a temporary folder and renamed into place, so a crash leaves either the complete checkpoint
+    or none: `--resume` never finds half of one.
+    """
+    final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        if isinstance(adapter, LoraConfig):
+            save_adapter(model, tmp / "adapter", adapter)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(), "data_position": batches.position,
+                    "allocator": None if allocator is None else allocator_state(allocator)},
+                   tmp / "training_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in step order (temporary folders of an interrupted save are ignored)."""
+    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, allocator) -> dict:
+    saved = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        raise ValueError(f"{folder}: the checkpoint's trainable tensors do not match this model "
+                         f"(missing {sorted(expected - set(saved))[:5]}, "
+                         f"unexpected {sorted(set(saved) - expected)[:5]})")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    state = torch.load(folder / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if allocator is not None:
+        load_allocator_state(allocator, state["allocator"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics file and plot
+# ----------------------------------------------------------------------------------------------------
+
+METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "eval_loss", "eval_accuracy", "elapsed_s")
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """The whole CSV, rewritten atomically (floats as repr, so they read back bit for bit)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else repr(row[k])) for k in METRIC_FIELDS})
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = []
+        for row in csv.DictReader(f):
+            rows.append({k: (None if row[k] == "" else (int(row[k]) if k == "step" else float(row[k])))
+                         for k in METRIC_FIELDS})
+        return rows
+
+
+def plot_losses(path: Path, rows: list[dict], title: str) -> None:
+    """loss.png: the training loss per step and the eval loss where it was measured."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="train loss", linewidth=1)
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r["eval_loss"] is not None]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the per-step losses (the whole run, resumed or not), the evaluations, the final
+    evaluation, memory and parameter counts, the run folder, and the trained model itself."""
+
+    config: TrainConfig
+    run_dir: Path
+    losses: list[float]
+    evals: list[dict]
+    final_eval: dict | None
+    trainable_params: int
+    all_params: int
+    model_bytes: int
+    peak_memory_bytes: int
+    seconds: float
+    model: nn.Module = field(repr=False)
+
+
+def _autocast_factory(device: torch.device, compute_dtype: torch.dtype):
+    """A function returning the context every forward runs in: bf16 autocast, or nothing for fp32."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=compute_dtype)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _prepare_run_dir(config: TrainConfig) -> Path:
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_config = run_dir / "config.json"
+    if config.resume:
+        if not list_checkpoints(run_dir):
+            raise ValueError(f"--resume: no {CHECKPOINT_PREFIX}<step> folder in {run_dir} to resume from")
+        old = json.loads(saved_config.read_text())
+        changed = {k for k, v in dataclasses.asdict(config).items() if old.get(k) != v} - RESUMABLE_CHANGES
+        if changed:
+            raise ValueError(f"--resume: options {sorted(changed)} differ from the run in {run_dir} "
+                             f"(was {({k: old.get(k) for k in sorted(changed)})}); "
+                             f"a resumed run must use the same")
+    elif list_checkpoints(run_dir) or (run_dir / "metrics.csv").exists():
+        if not config.overwrite:
+            raise ValueError(f"--output-dir {run_dir} already holds a run; pass --resume to continue it or "
+                             f"--overwrite to start again")
+        for old in list_checkpoints(run_dir):
+            shutil.rmtree(old)
+        (run_dir / "metrics.csv").unlink(missing_ok=True)
+    tmp = saved_config.with_name("config.json.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    os.replace(tmp, saved_config)
+    return run_dir
+
+
+def train(config=None, **overrides) -> TrainResult:
+    """Run one training job; `config` is a TrainConfig, a dict or an argparse.Namespace (or nothing), and
+    keyword arguments override single options: `train(method="lora", max_steps=50, output_dir="runs/x")`."""
+    from tqdm.auto import tqdm
+
+    config = make_config(config, **overrides)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run_dir = _prepare_run_dir(config)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    # Weights: trained ones in fp32 (full fine-tuning's master copy), frozen ones in the compute dtype.
+    load_dtype = torch.float32 if config.method == "full" else compute_dtype
+    model, tokenizer = load_model(config, load_dtype)
+    train_data, eval_data = load_data(config, tokenizer)
+    model.to(device)
+    model, adapter, allocator = apply_method(model, config, compute_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, config)
+    scheduler = build_scheduler(optimizer, config)
+    batches = Batches(train_data, config.batch_size, seed=config.seed)
+    autocast = _autocast_factory(device, compute_dtype)
+
+    metrics_path = run_dir / "metrics.csv"
+    rows, start_step = [], 0
+    if config.resume:
+        checkpoint = list_checkpoints(run_dir)[-1]
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, allocator)
+        start_step, batches.position = state["step"], state["data_position"]
+        rows = [row for row in read_metrics(metrics_path) if row["step"] <= start_step]
+        set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before step 1
+
+    model.train()
+    bar = tqdm(total=config.max_steps, initial=start_step, desc=config.method, disable=not config.progress)
+    for step in range(start_step, config.max_steps):
+        loss_sum = 0.0
+        for _ in range(config.grad_accum):
+            batch = {k: v.to(device) for k, v in batches.next().items()}
+            with autocast():
+                loss = model(**batch).loss
+                total = loss
+                if allocator is not None and config.orth_reg_weight > 0:
+                    from minilora.adalora import orthogonal_penalty
+
+                    total = loss + config.orth_reg_weight * orthogonal_penalty(model)
+            (total / config.grad_accum).backward()
+            loss_sum += loss.item()
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        if allocator is not None:
+            allocator.update_and_allocate(step)  # after step(), before zero_grad(): it needs the gradients
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        row = {"step": done, "loss": loss_sum / config.grad_accum, "lr": lr, "grad_norm": grad_norm,
+               "eval_loss": None, "eval_accuracy": None, "elapsed_s": round(time.perf_counter() - started, 3)}
+        if eval_data is not None and ((config.eval_every and done % config.eval_every == 0)
+                                      or done == config.max_steps):
+            result = evaluate(model, eval_data, device, autocast, progress=config.progress)
+            row["eval_loss"], row["eval_accuracy"] = result["loss"], result["accuracy"]
+        rows.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+        if config.save_every and (done % config.save_every == 0 or done == config.max_steps):
+            write_metrics(metrics_path, rows)
+            save_checkpoint(run_dir, done, model, adapter, optimizer, scheduler, batches, allocator,
+                            config.save_total_limit)
+    bar.close()
+
+    write_metrics(metrics_path, rows)
+    plot_losses(run_dir / "loss.png", rows, f"{config.method} on {config.data}")
+    evals = [{"step": r["step"], "loss": r["eval_loss"], "accuracy": r["eval_accuracy"]}
+             for r in rows if r["eval_loss"] is not None]
+    final_eval = evals[-1] if evals and evals[-1]["step"] == config.max_steps else None
+    trainable, total = count_parameters(model)
+    from minilora.qlora import model_nbytes
+
+    return TrainResult(config=config, run_dir=run_dir, losses=[r["loss"] for r in rows], evals=evals,
+                       final_eval=final_eval, trainable_params=trainable, all_params=total,
+                       model_bytes=model_nbytes(model), peak_memory_bytes=_peak_memory(device),
+                       seconds=time.perf_counter() - started, model=model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------
+
+HELP = {
+    "model": "local Hugging Face model folder, 'tiny' (the running example) or a preset: "
+             + ", ".join(PRESETS),
+    "random_init": "random weights instead of loading them (presets need it)",
+    "data": "'running-example' or a JSONL file with one {\"prompt\": ..., \"response\": ...} per line",
+    "eval_data": "JSONL file for evaluation",
+    "method": "what trains: " + ", ".join(METHODS),
+    "target": "'all-linear' (every linear layer but the head) or comma-separated names, e.g. q_proj,v_proj",
+    "r": "LoRA rank (AdaLoRA: initial rank)",
+    "target_r": "AdaLoRA: final average rank",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "compute_dtype": "auto: bf16 on a GPU that supports it, else fp32",
+    "eval_every": "evaluate every N optimizer steps (0: only at the end)",
+    "save_every": "checkpoint every N optimizer steps (0: none)",
+    "resume": "continue from the newest checkpoint in --output-dir",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minilora.train",
+        description="Fine-tune a causal LM with full fine-tuning, LoRA, AdaLoRA or QLoRA. "
+                    "Defaults: the QLoRA paper's 7B recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    choices = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+               "compute_dtype": tuple(COMPUTE_DTYPES), "quant_type": ("nf4", "fp4", "int4")}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + _flag(f.name)
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=HELP.get(f.name, " "))
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.name in ("lora_alpha", "lora_dropout", "lr", "weight_decay", "warmup_ratio",
+                          "max_grad_norm"):
+                kind = float
+            parser.add_argument(flag, type=kind, default=default, choices=choices.get(f.name),
+                                help=HELP.get(f.name, " "))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = train(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run folder: {result.run_dir}")
+    print(f"trainable params: {result.trainable_params:,d} || all params: {result.all_params:,d}")
+    print(f"final train loss: {result.losses[-1]:.4f}")
+    if result.final_eval is not None:
+        final = result.final_eval
+        print(f"final eval: loss {final['loss']:.4f}, accuracy {final['accuracy']:.4f}")
+    print(f"peak memory: {result.peak_memory_bytes / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""pyproject.toml and environment.yml must describe the same environment."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # standard library from Python 3.11 on
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    """'peft==0.21.*' -> 'peft' (PEP 503 normalised)."""
+    name = re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pyproject_requirements() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + project["optional-dependencies"]["dev"]
+    return {_name(r): r.replace(" ", "") for r in reqs}
+
+
+def _environment_requirements() -> dict[str, str]:
+    # environment.yml is simple enough to read without a YAML parser: the entries of the `pip:` list.
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    reqs = {}
+    for line in lines[start + 1:]:
+        entry = line.strip()
+        if not entry.startswith("- "):
+            break
+        entry = entry[2:].strip()
+        if entry != "-e .":
+            reqs[_name(entry)] = entry.replace(" ", "")
+    return reqs
+
+
+def test_same_packages_and_pins():
+    assert _pyproject_requirements() == _environment_requirements()
+
+
+def test_environment_installs_the_package_itself():
+    assert "- -e ." in (ROOT / "environment.yml").read_text()
+
+
+def test_python_version_agrees():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.10"
+    assert "python>=3.10" in (ROOT / "environment.yml").read_text()

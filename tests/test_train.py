@@ -1,0 +1,159 @@
+"""minilora.train: the loop learns, resumes exactly, and its CLI fails clearly on bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minilora.qlora import Linear4bit
+from minilora.train import TrainConfig, build_parser, lr_factor, main, make_config, read_metrics, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A few quick steps on the running example (fp32 compute: the CPU default).
+QUICK = dict(model="tiny", batch_size=8, grad_accum=2, train_samples=256, eval_samples=64, lr=2e-3,
+             max_grad_norm=1.0, warmup_ratio=0.0, r=4, lora_alpha=8, lora_dropout=0.1, progress=False)
+
+
+def test_cli_defaults_are_the_qlora_7b_recipe():
+    args = build_parser().parse_args([])
+    assert (args.method, args.r, args.lora_alpha, args.lora_dropout, args.target) == \
+        ("qlora", 64, 16, 0.1, "all-linear")
+    assert (args.lr, args.schedule, args.warmup_ratio, args.max_grad_norm, args.optimizer) == \
+        (2e-4, "constant", 0.03, 0.3, "paged_adamw")
+    assert (args.batch_size, args.grad_accum, args.gradient_checkpointing) == (1, 16, True)
+    assert (args.quant_type, args.double_quant, args.blocksize) == ("nf4", True, 64)
+    assert make_config(args) == TrainConfig()
+
+
+def test_lr_schedule():
+    # warm-up 0, 1/3, 2/3, then constant 1 / cosine from 1 down towards 0
+    assert [lr_factor(s, 3, 10, "constant") for s in range(5)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]
+    assert lr_factor(3, 3, 10, "cosine") == 1.0
+    assert lr_factor(10, 3, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(6, 2, 10, "cosine") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(method="prefix"), "--method must be one of"),
+    (dict(r=0), "--r must be an integer >= 1"),
+    (dict(lora_dropout=1.0), r"--lora-dropout must be a number in \[0, 1\)"),
+    (dict(lr=-1.0), "--lr must be a number in"),
+    (dict(warmup_ratio=1.5), "--warmup-ratio"),
+    (dict(grad_accum=0), "--grad-accum"),
+    (dict(optimizer="sgd"), "--optimizer must be one of"),
+    (dict(method="adalora", r=4, target_r=8), "--target-r must be <= --r"),
+    (dict(colour="blue"), "unknown option"),
+])
+def test_bad_options(bad, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(**bad)
+
+
+def test_missing_model_folder_and_preset_without_random_init(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        train(QUICK, model=str(tmp_path / "nope"), output_dir=str(tmp_path / "run"), max_steps=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        train(QUICK, model=str(tmp_path / "empty"), output_dir=str(tmp_path / "run"), max_steps=1)
+    with pytest.raises(ValueError, match="--random-init"):
+        train(QUICK, model="llama-7b", output_dir=str(tmp_path / "run"), max_steps=1)
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "<bos>abcdefgh<sep>", "response": "bcdefghi<eos>"}\n\n'
+                    '{"prompt": "<bos>abcdefgh<sep>", "response": oops}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:3: not valid JSON"):
+        train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
+    data.write_text('{"prompt": "<bos>abc<sep>"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:1: .*'prompt' and 'response'"):
+        train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
+    data.write_text('{"prompt": "<bos>abc<sep>", "response": "XYZ"}\n')
+    with pytest.raises(ValueError, match="example 1: .*unknown token 'X'"):
+        train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
+
+
+def test_jsonl_training_scores_the_response_only(tmp_path):
+    records = [{"prompt": "<bos>abcd<sep>", "response": "bcde<eos>"},
+               {"prompt": "<bos>ponmlkj<sep>", "response": "apon<eos>"}] * 8
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = train(QUICK, data=str(data), eval_data=str(data), method="lora", max_steps=3, batch_size=4,
+                   output_dir=str(tmp_path / "run"), save_every=0, eval_every=0)
+    assert len(result.losses) == 3 and result.final_eval is not None
+    assert 0.0 <= result.final_eval["accuracy"] <= 1.0
+
+
+def _run(tmp_path, name, **options):
+    return train(QUICK, output_dir=str(tmp_path / name), **options)
+
+
+@pytest.mark.parametrize("method, optimizer", [("qlora", "paged_adamw"), ("adalora", "adamw"),
+                                               ("full", "adamw")])
+def test_resume_gives_exactly_the_uninterrupted_losses(tmp_path, method, optimizer):
+    options = dict(method=method, optimizer=optimizer, max_steps=6, save_every=3, eval_every=3,
+                   save_total_limit=0, schedule="cosine", warmup_ratio=0.2)
+    if method == "adalora":
+        options.update(r=4, target_r=2, tinit=1, tfinal=1)
+    if method == "full":
+        options.update(gradient_checkpointing=False, lr=1e-3)
+    full = _run(tmp_path, "full", **options)
+    assert sorted(p.name for p in full.run_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert not list(full.run_dir.glob(".checkpoint-*"))  # no temporary folder left behind
+    assert (full.run_dir / "loss.png").stat().st_size > 0
+
+    # An interrupted run: same options, the process "dies" after step 3 (we delete what came later).
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full.run_dir, interrupted)
+    shutil.rmtree(interrupted / "checkpoint-6")
+    resumed = train(QUICK, output_dir=str(interrupted), resume=True, **options)
+    assert resumed.losses == full.losses  # every step, to the last bit
+    assert resumed.evals == full.evals
+    assert read_metrics(interrupted / "metrics.csv") == \
+        [dict(r, elapsed_s=r2["elapsed_s"]) for r, r2 in zip(read_metrics(full.run_dir / "metrics.csv"),
+                                                             read_metrics(interrupted / "metrics.csv"))]
+    if method == "qlora":
+        assert (full.run_dir / "checkpoint-6" / "adapter" / "adapter_model.safetensors").is_file()
+        assert any(isinstance(m, Linear4bit) for m in resumed.model.modules())
+    if method == "adalora":
+        layers = [m for m in resumed.model.modules() if hasattr(m, "rank_mask")]
+        assert sum(int(m.rank_mask.sum()) for m in layers) == 2 * len(layers)  # pruned to target_r
+    with pytest.raises(ValueError, match="already holds a run"):
+        _run(tmp_path, "full", **options)
+    with pytest.raises(ValueError, match=r"options \['r'\] differ"):
+        train(QUICK, output_dir=str(interrupted), resume=True, **dict(options, r=options.get("r", 4) + 1))
+
+
+def test_qlora_learns_the_running_example(tmp_path):
+    result = _run(tmp_path, "qlora", method="qlora", max_steps=16, eval_every=0, save_every=0, lr=5e-3)
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < first - 0.5
+    base = [p for n, p in result.model.named_parameters() if "lora_" not in n]
+    assert base and not any(p.requires_grad for p in base)
+    assert result.model_bytes < 0.75 * 4 * result.all_params  # 4-bit blocks: well below fp32
+
+
+def test_cli_smoke(tmp_path):
+    cmd = [sys.executable, "-m", "minilora.train", "--model", "tiny", "--method", "qlora", "--max-steps", "2",
+           "--batch-size", "4", "--grad-accum", "1", "--train-samples", "32", "--eval-samples", "16",
+           "--r", "4", "--no-progress", "--output-dir", str(tmp_path / "cli")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "final eval: loss" in done.stdout
+    rows = read_metrics(tmp_path / "cli" / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (tmp_path / "cli" / "loss.png").is_file()
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["--lora-dropout", "1.5", "--output-dir", str(tmp_path / "a")]) == 2
+    assert "--lora-dropout must be a number in [0, 1)" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "b")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--method", "prefix-tuning"])
+    assert "invalid choice: 'prefix-tuning'" in capsys.readouterr().err
