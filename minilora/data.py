@@ -286,8 +286,7 @@ def finetune(model, train_data: TaskData, steps: int, lr: float | None, batch_si
             bar.update(1)
             bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
         if eval_data is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-            if not history["eval"] or history["eval"][-1][0] != step + 1:
-                record_eval(step + 1)
+            record_eval(step + 1)
     if bar is not None:
         bar.close()
     return history
@@ -348,8 +347,13 @@ def pretrained_tiny_llama(cache_dir=None, progress: bool = False) -> LlamaForCau
         return model.eval()
 
     data = make_task("pretrain", PRETRAIN["steps"] * PRETRAIN["batch_size"], seed=PRETRAIN["data_seed"])
-    finetune(model, data, steps=PRETRAIN["steps"], lr=PRETRAIN["lr"], batch_size=PRETRAIN["batch_size"],
-             seed=PRETRAIN["data_seed"], progress=progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # 64-wide matrices gain nothing from threads, and a busy machine makes them slow
+    try:
+        finetune(model, data, steps=PRETRAIN["steps"], lr=PRETRAIN["lr"], batch_size=PRETRAIN["batch_size"],
+                 seed=PRETRAIN["data_seed"], progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     cache_dir.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     _write_atomically(config_path, lambda tmp: Path(tmp).write_text(config.to_json_string()))

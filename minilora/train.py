@@ -44,11 +44,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 from minilora import data as running_example
 from minilora.adapters import save_adapter
 from minilora.lora import LoraConfig, add_lora, count_parameters
-from minilora.paged import PagedAdamW
+from minilora.paged import DEFAULT_PAGE_BYTES, STATE_BYTES_PER_ELEMENT, PagedAdamW
 from minilora.qlora import prepare_for_kbit_training, quantize_model
 
 METHODS = ("full", "lora", "adalora", "qlora")
@@ -456,11 +457,19 @@ def apply_method(model: nn.Module, config: TrainConfig, compute_dtype: torch.dty
 # ----------------------------------------------------------------------------------------------------
 
 
+def page_bytes_for(params: list[nn.Parameter]) -> int:
+    """A page size for PagedAdamW that fits these parameters: every parameter starts a new page, so 2 MiB
+    pages would hold 2 MiB of state even for a 16 × 64 LoRA matrix (64 KiB of moments are enough there).
+    The smallest power of two that holds the largest parameter's moments, between 4 KiB and 2 MiB."""
+    largest = max(p.numel() for p in params) * STATE_BYTES_PER_ELEMENT
+    return min(DEFAULT_PAGE_BYTES, max(4096, 1 << (largest - 1).bit_length()))
+
+
 def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                   weight_decay=config.weight_decay)
     if config.optimizer == "paged_adamw":
-        return PagedAdamW(params, **kwargs)
+        return PagedAdamW(params, page_bytes=page_bytes_for(params), **kwargs)
     return torch.optim.AdamW(params, **kwargs, foreach=False)
 
 
@@ -496,8 +505,6 @@ def evaluate(model: nn.Module, data: TokenData, device: torch.device, autocast, 
              progress: bool = False) -> dict:
     """{"loss": mean cross-entropy per response token, "accuracy": share of examples with every response
     token right (teacher forcing)} — the running example's definitions (minilora.data.evaluate)."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     loss_sum, tokens, correct = 0.0, 0, 0
@@ -729,8 +736,6 @@ def _prepare_run_dir(config: TrainConfig) -> Path:
 def train(config=None, **overrides) -> TrainResult:
     """Run one training job; `config` is a TrainConfig, a dict or an argparse.Namespace (or nothing), and
     keyword arguments override single options: `train(method="lora", max_steps=50, output_dir="runs/x")`."""
-    from tqdm.auto import tqdm
-
     config = make_config(config, **overrides)
     started = time.perf_counter()
     device = resolve_device(config.device)

@@ -24,6 +24,15 @@ from minilora.data import (
 L = PROMPT_LEN + RESPONSE_LEN
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model gains nothing from threads, and on a busy machine they make it many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pretrained():
     # The shared cache (.cache/minilora or $MINILORA_CACHE): the first test run in CI pays the pretraining,

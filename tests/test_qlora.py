@@ -66,12 +66,14 @@ def test_linear4bit_equals_bitsandbytes(quant_type, double_quant, bias):
     x2 = x1.detach().clone().requires_grad_()
     y1, y2 = ours(x1), theirs(x2)
     assert y1.dtype == y2.dtype == torch.float32  # both cast back to the input dtype
-    # Same bytes, same bf16 matmul: the same bits (bf16 tolerance would be enough for the claim).
+    # Same bytes, same bf16 matmul: the same bits.
     assert torch.equal(y1, y2)
     grad = torch.randn_like(y1)
     y1.backward(grad)
     y2.backward(grad)
-    assert torch.equal(x1.grad, x2.grad)
+    # The input gradient is the same product, computed on CPU in another memory layout (faster there), so
+    # the bf16 roundings may differ: equal within bf16 tolerance.
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=BF16_EPS, atol=BF16_EPS * x2.grad.abs().max().item())
 
 
 def test_output_is_flinear_of_dequantized_weight():

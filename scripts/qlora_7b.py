@@ -1,0 +1,474 @@
+"""QLoRA on a 7B model on one GPU: memory, tokens/s and MFU, minilora beside transformers + bitsandbytes + peft.
+
+    # measure without weights: the architecture of a preset, random weights, synthetic data
+    python scripts/qlora_7b.py --config llama-7b --random-init --seq-len 512 --steps 3 --stack both
+    # fine-tune a local Hugging Face checkpoint on a JSONL file of {"prompt", "response"}
+    python scripts/qlora_7b.py --model /data/llama-7b-hf --data train.jsonl --steps 100
+    # seconds on a CPU, no CUDA: the code path of the above on the book's tiny model (tests use it)
+    python scripts/qlora_7b.py --config tiny --random-init --dry-run
+
+The recipe is the QLoRA paper's for 7B (the defaults of minilora.train.TrainConfig): NF4 with double
+quantization, LoRA r 64, α 16, dropout 0.1 on every linear layer but the head, lr 2e-4, max_grad_norm 0.3,
+paged AdamW, batch 1 × 16 gradient accumulation, gradient checkpointing, bf16 compute.
+
+Building a 7B model without ever holding it in 16 bits: the model is first built on the *meta* device (shapes,
+no memory), then every piece is replaced by a real one on the GPU, one decoder layer at a time, and each
+layer's seven linear layers are quantized before the next layer is built (`build_random_model`). The peak is
+the 4-bit model plus one 16-bit layer (~0.4 GB), never the 13.5 GB of a bf16 7B. A checkpoint folder is read
+by transformers in bf16 into host memory and moved to the GPU layer by layer, quantizing as it goes.
+
+Both stacks quantize the same random weights (each layer is drawn from seed + layer index), then run the same
+timed loop (`run_steps`, the inner step of minilora.train.train): `warmup` optimizer steps, then `steps` timed
+ones. Reported per stack:
+
+    peak memory   torch.cuda.max_memory_allocated over setup + training (what the memory model predicts)
+    tokens/s      trained tokens (attention-mask ones) in the timed steps ÷ their wall time
+    MFU           tokens/s × FLOPs/token ÷ the GPU's peak dense bf16 FLOP/s, FLOPs/token =
+                  minilora.memory.training_flops_per_token(N, "qlora", gradient_checkpointing=False) = 4N:
+                  forward 2N + input-gradient backward 2N (no weight gradients for the frozen base), N = all
+                  parameters, attention's T² term and the tiny adapters ignored. Checkpointing's recomputed
+                  forward (+2N, 6N in all) is real work but not *model* FLOPs: it is reported as HFU.
+    predicted     minilora.memory.estimate(...) for the same setup, next to the measurement
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from minilora import memory  # noqa: E402
+from minilora.data import tiny_llama_config  # noqa: E402
+from minilora.lora import add_lora, count_parameters  # noqa: E402
+from minilora.qlora import prepare_for_kbit_training, quantize_model  # noqa: E402
+from minilora.train import (  # noqa: E402
+    Batches,
+    CharTokenizer,
+    HFTokenizer,
+    TokenData,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    lora_config,
+    read_jsonl,
+    resolve_compute_dtype,
+    resolve_device,
+    tokenize_records,
+)
+
+STACKS = ("minilora", "peft", "both")
+# Peak dense bf16 tensor-core FLOP/s (no sparsity), NVIDIA datasheets; first matching name wins.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("A100", 312),
+                    ("L40S", 362), ("L4", 121), ("A10", 125))
+DRY_RUN = dict(config="tiny", random_init=True, seq_len=[16], samples=8, steps=1, warmup=1, grad_accum=2,
+               r=4, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model: a preset's architecture with random weights, or a local checkpoint, quantized layer by layer
+# ----------------------------------------------------------------------------------------------------
+
+
+def model_config(name: str, seq_len: int):
+    """A transformers LlamaConfig for a preset of minilora.memory (or "tiny", the running example's shape)."""
+    from transformers import LlamaConfig
+
+    if name == "tiny":
+        config = tiny_llama_config()
+    elif name in memory.PRESETS:
+        config = LlamaConfig(**memory.PRESETS[name], rms_norm_eps=1e-5, use_cache=False)
+    else:
+        raise ValueError(f"--config must be 'tiny' or one of {sorted(memory.PRESETS)}, got {name!r}")
+    config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
+    return config
+
+
+def _real_module(make, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    with torch.device(device):
+        return make().to(dtype)
+
+
+def build_random_model(config, device: torch.device, dtype: torch.dtype, quantize_layer, seed: int = 0):
+    """A LlamaForCausalLM with random weights whose decoder linears go through `quantize_layer(layer)` one
+    decoder layer at a time, on `device`: the 16-bit model never exists whole.
+
+    Step 1 builds the skeleton on the meta device (every tensor a shape without storage). Step 2 replaces the
+    embeddings, final norm, rotary table and head by real modules. Step 3 builds each decoder layer for real
+    (random weights from seed + layer index, so both stacks get the same ones) and quantizes it at once.
+    """
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    inner = model.model
+    torch.manual_seed(seed)
+    inner.embed_tokens = _real_module(lambda: nn.Embedding(config.vocab_size, config.hidden_size,
+                                                           config.pad_token_id), device, dtype)
+    inner.norm = _real_module(lambda: type(inner.norm)(config.hidden_size, eps=config.rms_norm_eps), device, dtype)
+    with torch.device(device):
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)  # its inv_freq table stays fp32
+    model.lm_head = _real_module(lambda: nn.Linear(config.hidden_size, config.vocab_size, bias=False),
+                                 device, dtype)
+    for index in range(config.num_hidden_layers):
+        torch.manual_seed(seed + 1 + index)
+        layer_class = type(inner.layers[index])
+        layer = _real_module(lambda: layer_class(config, layer_idx=index), device, dtype)
+        inner.layers[index] = quantize_layer(layer)  # the 16-bit linears are freed here
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"build_random_model: {type(model).__name__} still has meta tensors {left[:5]}; "
+                         f"only Llama-style models (embed_tokens, layers, norm, rotary_emb, lm_head) are supported")
+    return model
+
+
+def load_checkpoint_model(folder: Path, device: torch.device, dtype: torch.dtype, quantize_layer):
+    """A local Hugging Face checkpoint: read in `dtype` into host memory, then moved to `device` one decoder
+    layer at a time, each quantized on arrival (host RAM holds the 16-bit model once; the GPU never does)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    layers = model.model.layers
+    for index in range(len(layers)):
+        layers[index] = quantize_layer(layers[index].to(device))
+    return model.to(device)  # embeddings, norm, head: small next to the blocks
+
+
+def minilora_quantizer(compute_dtype: torch.dtype):
+    """Our Linear4bit (NF4 + double quantization, blocksize 64) for every nn.Linear of one decoder layer."""
+    return lambda layer: quantize_model(layer, blocksize=64, double_quant=True, quant_type="nf4",
+                                        compute_dtype=compute_dtype, skip=())
+
+
+def bnb_quantizer(compute_dtype: torch.dtype, device: torch.device):
+    """bitsandbytes' Linear4bit with the settings of BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bf16): what
+    transformers puts in place of every linear when it loads a model with that config."""
+    import bitsandbytes as bnb
+
+    def quantize(layer: nn.Module) -> nn.Module:
+        for name, linear in list(layer.named_modules()):
+            if not isinstance(linear, nn.Linear):
+                continue
+            new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                    device="meta")
+            new.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=64,
+                                           compress_statistics=True, quant_type="nf4", module=new).to(device)
+            if linear.bias is not None:
+                new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child, new)
+        return layer
+
+    return quantize
+
+
+def bnb_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two stacks: model + adapter + optimizer
+# ----------------------------------------------------------------------------------------------------
+
+
+def setup_minilora(args, recipe: TrainConfig, device, compute_dtype):
+    quantize = minilora_quantizer(compute_dtype)
+    if args.random_init:
+        model = build_random_model(args.model_config, device, compute_dtype, quantize, seed=args.seed)
+    else:
+        model = load_checkpoint_model(Path(args.model), device, compute_dtype, quantize)
+    prepare_for_kbit_training(model, gradient_checkpointing=True)
+    torch.manual_seed(args.seed)
+    add_lora(model, lora_config(recipe))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, build_optimizer(params, recipe)  # minilora.paged.PagedAdamW
+
+
+def setup_peft(args, recipe: TrainConfig, device, compute_dtype):
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if args.random_init:
+        model = build_random_model(args.model_config, device, compute_dtype, bnb_quantizer(compute_dtype, device),
+                                   seed=args.seed)
+        model.is_loaded_in_4bit = True  # as transformers marks a model it loaded with a BitsAndBytesConfig
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb_config(compute_dtype),
+                                                     dtype=compute_dtype, device_map={"": device})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(args.seed)
+    model = get_peft_model(model, LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha,
+                                             lora_dropout=recipe.lora_dropout, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW32bit(params, lr=recipe.lr, betas=(recipe.adam_beta1, recipe.adam_beta2),
+                                          weight_decay=recipe.weight_decay)
+    return model, params, optimizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data and the timed loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_tokens(args, vocab_size: int, seq_len: int) -> TokenData:
+    """Synthetic sequences of exactly seq_len random tokens (every token scored), or a JSONL file."""
+    if args.data == "synthetic":
+        generator = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, vocab_size, (args.samples, seq_len), generator=generator)
+        return TokenData(ids, ids.clone(), torch.ones_like(ids))
+    if args.config == "tiny":
+        tokenizer = CharTokenizer()
+    elif args.model is not None and (Path(args.model) / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(args.model))
+    else:
+        raise ValueError(f"--data {args.data}: a JSONL file needs a tokenizer; give --model <checkpoint folder> "
+                         f"(or --config tiny), or use --data synthetic")
+    return tokenize_records(read_jsonl(args.data), tokenizer, seq_len, args.data)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_steps(model, params, optimizer, scheduler, batches: Batches, recipe: TrainConfig, device, autocast_dtype,
+              steps: int, warmup: int) -> dict:
+    """`warmup` + `steps` optimizer steps of minilora.train's inner loop; times the last `steps`.
+
+    One step: grad_accum × (forward under bf16 autocast, backward of loss / grad_accum), clip to
+    max_grad_norm, optimizer and scheduler step, zero_grad.
+    """
+    use_autocast = autocast_dtype != torch.float32
+    losses, tokens, started = [], 0, None
+    model.train()
+    for step in range(warmup + steps):
+        if step == warmup:
+            _synchronize(device)
+            started, tokens = time.perf_counter(), 0
+        loss_sum = 0.0
+        for _ in range(recipe.grad_accum):
+            batch = {k: v.to(device) for k, v in batches.next().items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                loss = model(**batch).loss
+            (loss / recipe.grad_accum).backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum / recipe.grad_accum)
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"losses": losses, "timed_tokens": tokens, "timed_seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def predicted_bytes(config, recipe: TrainConfig, seq_len: int, stack: str) -> int:
+    """minilora.memory.estimate for this run. Adapters, their gradients and Adam state are fp32 in both stacks
+    (adapter_bytes=4); peft's prepare_model_for_kbit_training also casts embeddings and head to fp32
+    (weight_bytes=4 for the non-quantized weights), ours keeps them in bf16."""
+    return memory.estimate(config, method="qlora", r=recipe.r, target="all-linear", batch_size=recipe.batch_size,
+                           seq_len=seq_len, gradient_checkpointing=True, optimizer="paged_adamw",
+                           lora_dropout=recipe.lora_dropout, adapter_bytes=4,
+                           weight_bytes=4 if stack == "peft" else 2).total
+
+
+def measure(stack: str, seq_len: int, args, recipe: TrainConfig, device: torch.device) -> dict:
+    """Build one stack, train it for warmup + steps, and return its numbers (frees everything after)."""
+    compute_dtype = resolve_compute_dtype(args.compute_dtype, device)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    setup = setup_minilora if stack == "minilora" else setup_peft
+    model, params, optimizer = setup(args, recipe, device, compute_dtype)
+    setup_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    data = load_tokens(args, model.config.vocab_size, seq_len)
+    batches = Batches(data, recipe.batch_size, seed=args.seed)
+    scheduler = build_scheduler(optimizer, recipe)
+    timing = run_steps(model, params, optimizer, scheduler, batches, recipe, device, compute_dtype,
+                       args.steps, args.warmup)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    trainable, _ = count_parameters(model)
+    n = memory.count_parameters(model.config)["total"]
+    flops_per_token = memory.training_flops_per_token(n, "qlora", gradient_checkpointing=False)  # 4N
+    with_recompute = memory.training_flops_per_token(n, "qlora", gradient_checkpointing=True)  # 6N
+    peak_flops = peak_tflops(device, args.peak_tflops)
+    result = {
+        "stack": stack, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "seq_len": seq_len, "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum,
+        "parameters": n, "trainable": trainable, "setup_bytes": setup_bytes, "peak_bytes": peak,
+        "predicted_bytes": predicted_bytes(model.config, recipe, seq_len, stack),
+        "flops_per_token": flops_per_token, "peak_tflops": peak_flops,
+        "mfu": None if peak_flops is None else memory.mfu(timing["tokens_per_s"], flops_per_token, peak_flops * 1e12),
+        "hfu": None if peak_flops is None else memory.mfu(timing["tokens_per_s"], with_recompute, peak_flops * 1e12),
+        **timing,
+    }
+    del model, params, optimizer, scheduler
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------
+
+
+def _gib(value) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per (stack, seq_len): measured peak, the memory model's prediction, tokens/s, MFU, HFU."""
+    rows = ["| stack | seq len | batch × accum | peak GiB (measured) | GiB (memory model) | tokens/s | "
+            "MFU (4N) | HFU (6N) | last loss |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(f"| {r['stack']} | {r['seq_len']} | {r['batch_size']} × {r['grad_accum']} | "
+                    f"{_gib(r['peak_bytes'])} | {_gib(r['predicted_bytes'])} | {r['tokens_per_s']:,.0f} | "
+                    f"{_percent(r['mfu'])} | {_percent(r['hfu'])} | {r['losses'][-1]:.4f} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    recipe = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="local Hugging Face checkpoint folder (nothing is downloaded)")
+    p.add_argument("--config", "--preset", dest="config",
+                   help=f"architecture preset for --random-init: tiny, {', '.join(memory.PRESETS)}")
+    p.add_argument("--random-init", action="store_true", help="random weights (memory/speed without weights)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {prompt, response}")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[512],
+                   help="synthetic length / JSONL cut-off; several values run one after the other")
+    p.add_argument("--samples", type=int, default=64, help="synthetic sequences")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    p.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    p.add_argument("--grad-accum", type=int, default=recipe.grad_accum)
+    p.add_argument("--r", "--lora-r", dest="r", type=int, default=recipe.r)
+    p.add_argument("--lr", type=float, default=recipe.lr)
+    p.add_argument("--stack", choices=STACKS, default="minilora", help="minilora, peft (+bitsandbytes) or both")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's peak dense bf16 TFLOP/s for MFU (default: looked up)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results (a list, one entry per stack and length) to this file")
+    p.add_argument("--markdown", help="write the results table to this file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny model, 2 steps: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()))
+    p.add_argument("--summarize", nargs="+", metavar="JSON", help="only print the Markdown table of result files")
+    return p
+
+
+def check_args(args) -> None:
+    if (args.model is None) == (args.config is None):
+        raise ValueError("give exactly one of --model <checkpoint folder> and --config <preset> "
+                         f"(got --model={args.model!r}, --config={args.config!r})")
+    if args.config is not None and not args.random_init:
+        raise ValueError(f"--config {args.config}: a preset is only an architecture; add --random-init")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model {args.model!r}: not a Hugging Face checkpoint folder (no config.json in it)")
+    if min(args.seq_len) < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+    for name in ("samples", "steps", "batch_size", "grad_accum", "r"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.summarize:
+        results = [r for path in args.summarize for r in json.loads(Path(path).read_text())]
+        print(markdown_table(results))
+        return 0
+    if args.dry_run:
+        for key, value in DRY_RUN.items():
+            setattr(args, key, value)
+    try:
+        check_args(args)
+        device = resolve_device(args.device)
+        if args.random_init:
+            from transformers import AutoConfig
+
+            args.model_config = (model_config(args.config, max(args.seq_len)) if args.config
+                                 else AutoConfig.from_pretrained(args.model))
+        recipe = TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, r=args.r, lr=args.lr,
+                             max_steps=args.warmup + args.steps)
+        recipe.validate()
+        stacks = ("minilora", "peft") if args.stack == "both" else (args.stack,)
+        results = []
+        for seq_len in args.seq_len:
+            for stack in stacks:
+                results.append(measure(stack, seq_len, args, recipe, device))
+                print(f"{stack}, seq {seq_len}: losses {[round(x, 4) for x in results[-1]['losses']]}, "
+                      f"{results[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+                if args.json:  # after every measurement: a run cut short keeps what it measured
+                    _write_text(args.json, json.dumps(results, indent=2) + "\n")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    r = results[0]
+    print(f"model: {r['parameters']:,d} parameters, {r['trainable']:,d} trainable (LoRA r={recipe.r}); "
+          f"device {r['device']}; MFU = tokens/s × {r['flops_per_token'] / r['parameters']:.0f}N FLOPs/token ÷ "
+          f"peak {r['peak_tflops'] or '?'} TFLOP/s")
+    table = markdown_table(results)
+    print(table)
+    if args.markdown:
+        _write_text(args.markdown, table + "\n")
+    return 0
+
+
+def _write_text(path, text: str) -> None:
+    """Atomically: a temporary file in the same folder, then renamed over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
