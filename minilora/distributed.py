@@ -21,8 +21,9 @@ nothing to all-reduce for it:
 
 * DDP (`mode="ddp"`): torch's DistributedDataParallel registers its all-reduce hooks on parameters with
   requires_grad only, so it reduces the adapter's gradients and nothing else. Two settings matter for a
-  QLoRA model: `broadcast_buffers=False` (the 4-bit codes are *buffers*; DDP would otherwise re-broadcast all
-  ~3.9 GB of a 7B model before every forward) and `init_sync=False` (the same broadcast once at start).
+  QLoRA model: no buffer syncing, `forward_sync_buffers=False` (`broadcast_buffers=False` before torch 2.12;
+  the 4-bit codes are *buffers*, and DDP would otherwise re-broadcast all ~3.9 GB of a 7B model before every
+  forward) and `init_sync=False` (no broadcast of every parameter and buffer at start either).
   Instead we broadcast the trainable parameters from rank 0 ourselves (a few MB). `no_sync()` skips the
   all-reduce for all but the last micro-batch of a step.
 
@@ -57,6 +58,7 @@ The process group uses NCCL on CUDA and gloo on CPU.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -140,8 +142,10 @@ class Distributed:
 
             self.broadcast_trainable(model)
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                           init_sync=False)
+            # No buffer traffic, ever (torch renamed broadcast_buffers to forward_sync_buffers in 2.12).
+            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                              inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+            return DistributedDataParallel(model, device_ids=device_ids, init_sync=False, **no_buffer_sync)
         if self.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard

@@ -89,40 +89,21 @@ def plot_curves(curves: dict[str, list[float]], ax: Axes | None = None, xlabel: 
     return ax
 
 
-def rank_matrix(rank_pattern: dict[str, list[bool]]) -> tuple[list[str], list[str], list[list[int]]]:
-    """Turn AdaLoRA's {"model.layers.3.self_attn.q_proj": [True, False, ...]} into a layers × modules grid.
 
-    Returns (layer labels, module labels, ranks[layer][module]): the rank is the number of surviving
-    triplets. A module path is split at its last ".layers.<i>." into the layer index and the module name.
-    """
-    cells = {}
-    for path, mask in rank_pattern.items():
-        prefix, _, rest = path.rpartition("layers.")
-        layer, _, module = rest.partition(".")
-        if not prefix and not path.startswith("layers."):
-            layer, module = "-", path
-        cells[(layer, module.split(".")[-1])] = sum(bool(kept) for kept in mask)
-    layers = sorted({layer for layer, _ in cells}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0))
-    modules = list(dict.fromkeys(module for _, module in cells))
-    ranks = [[cells.get((layer, module), 0) for module in modules] for layer in layers]
-    return layers, modules, ranks
-
-
-def plot_rank_pattern(rank_pattern: dict[str, list[bool]], ax: Axes | None = None,
-                      title: str | None = None) -> Axes:
-    """Heatmap of the ranks AdaLoRA kept: one row per layer, one column per module type, the rank written in
-    each cell (the AdaLoRA paper's figure in miniature)."""
-    if not rank_pattern:
-        raise ValueError("rank_pattern is empty: pass {module path: [bool, ...]} from RankAllocator.rank_pattern")
-    layers, modules, ranks = rank_matrix(rank_pattern)
+def plot_rank_grid(layers: list, kinds: list[str], grid: list[list[int]], ax: Axes | None = None,
+                   title: str | None = None) -> Axes:
+    """Heatmap of the ranks AdaLoRA kept: one row per layer, one column per module kind, the rank written in
+    each cell (the AdaLoRA paper's figure in miniature). Takes `RankAllocator.rank_grid()`'s three values."""
+    if not grid or not kinds:
+        raise ValueError("grid is empty: pass the (layers, kinds, grid) that RankAllocator.rank_grid() returns")
     if ax is None:
-        ax = _new_axes((1.2 + 0.8 * len(modules), 1.0 + 0.45 * len(layers)))
-    image = ax.imshow(ranks, cmap="viridis", aspect="auto", vmin=0)
-    for i, row in enumerate(ranks):
+        ax = _new_axes((1.2 + 0.8 * len(kinds), 1.0 + 0.45 * len(layers)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
+    for i, row in enumerate(grid):
         for j, rank in enumerate(row):
             ax.text(j, i, str(rank), ha="center", va="center", color="white", fontsize=8)
-    ax.set_xticks(range(len(modules)))
-    ax.set_xticklabels(modules, rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(range(len(kinds)))
+    ax.set_xticklabels(kinds, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([f"layer {layer}" for layer in layers], fontsize=8)
     ax.figure.colorbar(image, ax=ax, label="rank kept")

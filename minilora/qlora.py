@@ -292,7 +292,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False
     if gradient_checkpointing:
-        _enable_gradient_checkpointing(model, use_reentrant)
+        enable_gradient_checkpointing(model, use_reentrant)
     return model
 
 
@@ -305,7 +305,9 @@ def _make_output_require_grad(module, inputs, output):
     output.requires_grad_(True)
 
 
-def _enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
+def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on a transformers model's gradient checkpointing (any transformers version), with the hook that
+    makes the input embeddings' output require grad (see `prepare_for_kbit_training`)."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
     kwargs_name = "activation_checkpointing_kwargs"

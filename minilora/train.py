@@ -19,6 +19,11 @@ Everything that decides the next loss is in a checkpoint (trainable weights, opt
 included —, scheduler, RNG states, the data position, AdaLoRA's scores), so `--resume` continues with
 exactly the losses the uninterrupted run would have had (tests/test_train.py checks equality).
 
+On several GPUs the same loop runs under torchrun, one process per GPU (minilora.distributed: DDP, or FSDP
+sharding the adapter; micro-batches split among the processes, the same losses as one process):
+
+    torchrun --nproc_per_node 4 -m minilora.train --model <folder> --method qlora --distributed ddp
+
 Reading order: `TrainConfig` (every option, validated), data (`TokenData`, `Batches`, `load_data`), model and
 method (`load_model`, `apply_method`), optimizer and schedule, `evaluate`, checkpoints, `train`, `main`.
 """
@@ -47,10 +52,12 @@ from torch import nn
 from tqdm import tqdm
 
 from minilora import data as running_example
+from minilora import distributed
+from minilora.adalora import AdaLoraConfig, add_adalora, orthogonal_penalty
 from minilora.adapters import save_adapter
 from minilora.lora import LoraConfig, add_lora, count_parameters
 from minilora.paged import DEFAULT_PAGE_BYTES, STATE_BYTES_PER_ELEMENT, PagedAdamW
-from minilora.qlora import prepare_for_kbit_training, quantize_model
+from minilora.qlora import enable_gradient_checkpointing, model_nbytes, prepare_for_kbit_training, quantize_model
 
 METHODS = ("full", "lora", "adalora", "qlora")
 OPTIMIZERS = ("adamw", "paged_adamw")
@@ -61,7 +68,7 @@ RUNNING_EXAMPLE = "running-example"
 TRAIN_DATA_SEED, EVAL_DATA_SEED = 1001, 1002
 # Options that may differ between a run and its resumption (they do not change what is computed so far).
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "eval_every", "save_every", "save_total_limit",
-                     "max_steps", "output_dir", "device"}
+                     "max_steps", "output_dir", "device", "distributed"}
 
 # Architectures `--model` knows by name. "tiny" is the book's pretrained running-example model; the others
 # are shapes for `--random-init` runs (memory and speed measurements without downloading weights).
@@ -119,6 +126,7 @@ class TrainConfig:
     compute_dtype: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
+    distributed: str = "auto"  # under torchrun: "ddp" or "fsdp" (auto: ddp if WORLD_SIZE > 1); "none"
     # bookkeeping
     output_dir: str = "runs/train"
     eval_every: int = 187  # 0: evaluate only at the end
@@ -132,6 +140,7 @@ class TrainConfig:
         """Raise ValueError naming the option, its value and what is allowed."""
         choices = dict(method=METHODS, optimizer=OPTIMIZERS, schedule=SCHEDULES,
                        compute_dtype=tuple(COMPUTE_DTYPES), quant_type=("nf4", "fp4", "int4"),
+                       distributed=distributed.MODES,
                        blocksize=(32, 64, 128, 256, 512, 1024, 2048, 4096))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -431,7 +440,7 @@ def apply_method(model: nn.Module, config: TrainConfig, compute_dtype: torch.dty
         model.requires_grad_(True)
         if config.gradient_checkpointing:
             model.config.use_cache = False
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
         return model, None, None
     if config.method == "qlora":
         quantize_model(model, blocksize=config.blocksize, double_quant=config.double_quant,
@@ -440,8 +449,6 @@ def apply_method(model: nn.Module, config: TrainConfig, compute_dtype: torch.dty
     prepare_for_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
     adapter = lora_config(config)
     if config.method == "adalora":
-        from minilora.adalora import AdaLoraConfig, add_adalora
-
         adapter = AdaLoraConfig(init_r=config.r, target_r=config.target_r, tinit=config.tinit,
                                 tfinal=config.tfinal, deltaT=config.delta_t, total_step=config.max_steps,
                                 orth_reg_weight=config.orth_reg_weight, lora_alpha=config.lora_alpha,
@@ -566,12 +573,13 @@ def load_allocator_state(allocator, state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, adapter, optimizer, scheduler, batches, allocator,
-                    keep: int) -> Path:
+                    keep: int, optimizer_state: dict | None = None) -> Path:
     """run_dir/checkpoint-<step>/: trainable.safetensors (exact trainable weights), adapter/ (peft format,
     for LoRA and QLoRA), training_state.pt (optimizer, scheduler, RNG, data position, AdaLoRA state).
 
     Written into a temporary folder and renamed into place, so a crash leaves either the complete checkpoint
-    or none: `--resume` never finds half of one.
+    or none: `--resume` never finds half of one. `optimizer_state` (default: optimizer.state_dict()) lets a
+    distributed run pass the state it gathered from all ranks.
     """
     final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.", suffix=".tmp"))
@@ -579,7 +587,9 @@ def save_checkpoint(run_dir: Path, step: int, model, adapter, optimizer, schedul
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         if isinstance(adapter, LoraConfig):
             save_adapter(model, tmp / "adapter", adapter)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        if optimizer_state is None:
+            optimizer_state = optimizer.state_dict()
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "data_position": batches.position,
                     "allocator": None if allocator is None else allocator_state(allocator)},
                    tmp / "training_state.pt")
@@ -602,7 +612,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, allocator) -> dict:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, allocator, job=None, opt_params=None) -> dict:
+    """Restore a checkpoint into the run; `job` (a minilora.distributed.Distributed) puts each rank's share of
+    sharded (FSDP) tensors in place, `opt_params` being the tensors the optimizer updates."""
+    job = job or distributed.Distributed()
     saved = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     expected = {name for name, p in params.items() if p.requires_grad}
@@ -612,9 +625,9 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, allocator) -> dic
                          f"unexpected {sorted(set(saved) - expected)[:5]})")
     with torch.no_grad():
         for name, tensor in saved.items():
-            params[name].copy_(tensor)
+            job.copy_into_parameter(params[name], tensor)
     state = torch.load(folder / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    job.load_optimizer_state(optimizer, state["optimizer"], opt_params)
     scheduler.load_state_dict(state["scheduler"])
     if allocator is not None:
         load_allocator_state(allocator, state["allocator"])
@@ -735,15 +748,33 @@ def _prepare_run_dir(config: TrainConfig) -> Path:
 
 def train(config=None, **overrides) -> TrainResult:
     """Run one training job; `config` is a TrainConfig, a dict or an argparse.Namespace (or nothing), and
-    keyword arguments override single options: `train(method="lora", max_steps=50, output_dir="runs/x")`."""
+    keyword arguments override single options: `train(method="lora", max_steps=50, output_dir="runs/x")`.
+
+    Under `torchrun` every process calls this; `--distributed` (minilora.distributed) decides how they share
+    the work. Alone, the same code runs with a single-process `Distributed` whose methods do nothing."""
     config = make_config(config, **overrides)
+    job = distributed.setup(config.distributed, resolve_device(config.device))
+    try:
+        return _train(config, job)
+    finally:
+        job.close()
+
+
+def _train(config: TrainConfig, job: distributed.Distributed) -> TrainResult:
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    distributed.check_options(job.mode, config.method, config.grad_accum, job.world_size)
+    device = job.device  # under torchrun with CUDA: this process's GPU
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run_dir = _prepare_run_dir(config)
-    random.seed(config.seed)
+    run_dir, error = Path(config.output_dir), None
+    if job.is_main:  # only rank 0 touches the run folder
+        try:
+            run_dir = _prepare_run_dir(config)
+        except (ValueError, OSError) as err:
+            error = err
+    job.broadcast_error(error)
+    random.seed(config.seed)  # the same seed on every rank: the same initial adapter everywhere
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
 
@@ -753,8 +784,10 @@ def train(config=None, **overrides) -> TrainResult:
     train_data, eval_data = load_data(config, tokenizer)
     model.to(device)
     model, adapter, allocator = apply_method(model, config, compute_dtype)
+    forward_model = job.wrap(model)  # DDP's wrapper, or model itself (FSDP shards it in place)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, config)
+    opt_params = job.optimizer_params(params)  # FSDP: this rank's shards; otherwise `params` itself
+    optimizer = build_optimizer(opt_params, config)
     scheduler = build_scheduler(optimizer, config)
     batches = Batches(train_data, config.batch_size, seed=config.seed)
     autocast = _autocast_factory(device, compute_dtype)
@@ -763,62 +796,76 @@ def train(config=None, **overrides) -> TrainResult:
     rows, start_step = [], 0
     if config.resume:
         checkpoint = list_checkpoints(run_dir)[-1]
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, allocator)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, allocator, job, opt_params)
         start_step, batches.position = state["step"], state["data_position"]
         rows = [row for row in read_metrics(metrics_path) if row["step"] <= start_step]
         set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before step 1
 
     model.train()
-    bar = tqdm(total=config.max_steps, initial=start_step, desc=config.method, disable=not config.progress)
+    progress = config.progress and job.is_main
+    mine = job.micro_batches_per_rank(config.grad_accum)  # grad_accum in a single process
+    bar = tqdm(total=config.max_steps, initial=start_step, desc=config.method, disable=not progress)
     for step in range(start_step, config.max_steps):
-        loss_sum = 0.0
-        for _ in range(config.grad_accum):
-            batch = {k: v.to(device) for k, v in batches.next().items()}
-            with autocast():
-                loss = model(**batch).loss
-                total = loss
-                if allocator is not None and config.orth_reg_weight > 0:
-                    from minilora.adalora import orthogonal_penalty
-
-                    total = loss + config.orth_reg_weight * orthogonal_penalty(model)
-            (total / config.grad_accum).backward()
+        loss_sum, done_here = 0.0, 0
+        for micro in range(config.grad_accum):
+            batch = batches.next()  # every rank advances the same data position ...
+            if not job.is_mine(micro):
+                continue  # ... and computes only its own micro-batches (micro % world_size == rank)
+            done_here += 1
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with job.gradient_sync(forward_model, sync=done_here == mine):  # reduce after the last one
+                with autocast():
+                    loss = forward_model(**batch).loss
+                    total = loss
+                    if allocator is not None and config.orth_reg_weight > 0:
+                        total = loss + config.orth_reg_weight * orthogonal_penalty(model)
+                (total / mine).backward()  # DDP/FSDP average over ranks: Σ loss / grad_accum in all
             loss_sum += loss.item()
+        loss_sum = job.sum_over_ranks(loss_sum)
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        grad_norm = job.as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = optimizer.param_groups[0]["lr"]
+        job.hand_gradients_to_optimizer(params, opt_params)
         optimizer.step()
         if allocator is not None:
             allocator.update_and_allocate(step)  # after step(), before zero_grad(): it needs the gradients
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        job.zero_grad(params)
 
         done = step + 1
         row = {"step": done, "loss": loss_sum / config.grad_accum, "lr": lr, "grad_norm": grad_norm,
                "eval_loss": None, "eval_accuracy": None, "elapsed_s": round(time.perf_counter() - started, 3)}
         if eval_data is not None and ((config.eval_every and done % config.eval_every == 0)
                                       or done == config.max_steps):
-            result = evaluate(model, eval_data, device, autocast, progress=config.progress)
+            result = evaluate(model, eval_data, device, autocast, progress=progress)  # on every rank
             row["eval_loss"], row["eval_accuracy"] = result["loss"], result["accuracy"]
         rows.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
         if config.save_every and (done % config.save_every == 0 or done == config.max_steps):
-            write_metrics(metrics_path, rows)
-            save_checkpoint(run_dir, done, model, adapter, optimizer, scheduler, batches, allocator,
-                            config.save_total_limit)
+            optimizer_state = job.full_optimizer_state(optimizer, params)  # FSDP: gathered from all ranks
+            with job.gathered(model):  # FSDP: full adapter weights on every rank while rank 0 saves
+                if job.is_main:
+                    write_metrics(metrics_path, rows)
+                    save_checkpoint(run_dir, done, model, adapter, optimizer, scheduler, batches, allocator,
+                                    config.save_total_limit, optimizer_state)
+            job.barrier()
     bar.close()
 
-    write_metrics(metrics_path, rows)
-    plot_losses(run_dir / "loss.png", rows, f"{config.method} on {config.data}")
+    if job.is_main:
+        write_metrics(metrics_path, rows)
+        plot_losses(run_dir / "loss.png", rows, f"{config.method} on {config.data}")
     evals = [{"step": r["step"], "loss": r["eval_loss"], "accuracy": r["eval_accuracy"]}
              for r in rows if r["eval_loss"] is not None]
     final_eval = evals[-1] if evals and evals[-1]["step"] == config.max_steps else None
     trainable, total = count_parameters(model)
-    from minilora.qlora import model_nbytes
-
+    with job.gathered(model):
+        model_bytes = model_nbytes(model)
+    job.barrier()
     return TrainResult(config=config, run_dir=run_dir, losses=[r["loss"] for r in rows], evals=evals,
                        final_eval=final_eval, trainable_params=trainable, all_params=total,
-                       model_bytes=model_nbytes(model), peak_memory_bytes=_peak_memory(device),
+                       model_bytes=model_bytes, peak_memory_bytes=_peak_memory(device),
                        seconds=time.perf_counter() - started, model=model)
 
 
@@ -834,13 +881,15 @@ HELP = {
     "eval_data": "JSONL file for evaluation",
     "method": "what trains: " + ", ".join(METHODS),
     "target": "'all-linear' (every linear layer but the head) or comma-separated names, e.g. q_proj,v_proj",
-    "r": "LoRA rank (AdaLoRA: initial rank)",
+    "r": "LoRA rank (AdaLoRA: initial rank); --lora-r under torchrun",
     "target_r": "AdaLoRA: final average rank",
     "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
     "compute_dtype": "auto: bf16 on a GPU that supports it, else fp32",
     "eval_every": "evaluate every N optimizer steps (0: only at the end)",
     "save_every": "checkpoint every N optimizer steps (0: none)",
     "resume": "continue from the newest checkpoint in --output-dir",
+    "distributed": "under torchrun: ddp (replicated model, all-reduced LoRA gradients) or fsdp (sharded "
+                   "adapter); auto: ddp when WORLD_SIZE > 1",
 }
 
 
@@ -851,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Defaults: the QLoRA paper's 7B recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     choices = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-               "compute_dtype": tuple(COMPUTE_DTYPES), "quant_type": ("nf4", "fp4", "int4")}
+               "compute_dtype": tuple(COMPUTE_DTYPES), "quant_type": ("nf4", "fp4", "int4"),
+               "distributed": distributed.MODES}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + _flag(f.name)
         default = f.default
@@ -863,7 +913,10 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name in ("lora_alpha", "lora_dropout", "lr", "weight_decay", "warmup_ratio",
                           "max_grad_norm"):
                 kind = float
-            parser.add_argument(flag, type=kind, default=default, choices=choices.get(f.name),
+            # torchrun's own parser claims abbreviations of its options (--r would match --rdzv-...), so
+            # `torchrun ... -m minilora.train` needs the long spelling --lora-r.
+            aliases = ("--lora-r",) if f.name == "r" else ()
+            parser.add_argument(flag, *aliases, type=kind, default=default, choices=choices.get(f.name),
                                 help=HELP.get(f.name, " "))
     return parser
 
@@ -875,6 +928,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     print(f"run folder: {result.run_dir}")
     print(f"trainable params: {result.trainable_params:,d} || all params: {result.all_params:,d}")
     print(f"final train loss: {result.losses[-1]:.4f}")

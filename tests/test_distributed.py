@@ -1,6 +1,8 @@
 """minilora.distributed: the training loop under torchrun (2 gloo processes on CPU) matches one process."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -75,10 +77,11 @@ def test_rows_of_a_shard_follow_torch_chunk():
 def test_ddp_and_fsdp_with_two_processes_match_one_process(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    # torchrun (torch.distributed.run): --standalone picks a free port on this machine.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(worker), json.dumps(OPTIONS), str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
 
@@ -92,10 +95,7 @@ def test_ddp_and_fsdp_with_two_processes_match_one_process(tmp_path):
     # Rank 0 wrote the single-process format: a plain run (no torchrun) resumes the FSDP run's checkpoint.
     folder = tmp_path / "fsdp_to_single"
     (tmp_path / "fsdp").rename(folder)
-    for late in ("checkpoint-3",):
-        import shutil
-
-        shutil.rmtree(folder / late)
+    shutil.rmtree(folder / "checkpoint-3")
     resumed = train(OPTIONS, distributed="none", output_dir=str(folder), save_every=2, resume=True)
     assert resumed.losses == pytest.approx(single.losses, rel=1e-5)
     assert (folder / "checkpoint-3" / "adapter" / "adapter_model.safetensors").is_file()
