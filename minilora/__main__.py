@@ -3,12 +3,13 @@
 Each step runs what one chapter builds, on the book's running example (a tiny Llama pretrained to copy
 strings, taught a new skill: copying through a Caesar cipher), and adds a section to a report:
 
-    1. LoRA        full fine-tuning vs LoRA, merge check, adapter round trip through peft's format
-    2. AdaLoRA     the rank budget moving between layers; a heatmap of the ranks that survive
-    3. NF4 and DQ  bits per parameter and reconstruction error of NF4 / FP4 / Int4, with and without DQ
-    4. Paged AdamW training with an optimizer-state budget smaller than the state; page traffic
-    5. QLoRA       the whole recipe through the training loop (4-bit base, LoRA on top, paged AdamW)
-    6. Memory      the memory model at 7B–65B: what fits on which GPU
+    chapter 1    LoRA: full fine-tuning vs LoRA, merge check, adapter round trip through peft's format
+    chapter 2    AdaLoRA: the rank budget moving between layers; a heatmap of the ranks that survive
+    chapters 3-4 NF4 and DQ: bits per parameter and error of NF4 / FP4 / Int4, with and without DQ,
+                 on Gaussian and on real pretrained weights; our bytes vs bitsandbytes'
+    chapter 5    paged AdamW: training with an optimizer-state budget smaller than the state
+    chapter 6    QLoRA: the whole recipe through the training loop (4-bit base, LoRA, paged AdamW)
+    chapter 7    the memory model at 7B and 65B: what fits on which GPU
 
 The report and its plots go to runs/demo/report.md (or --out). Nothing here is a second copy of an
 algorithm: every step calls the same functions the notebooks, exercises and tests use.
@@ -283,7 +284,7 @@ def memory_step(out: Path) -> str:
 
     reports = [estimate(model, method=method, r=64, seq_len=512)
                for model in ("llama-7b", "llama-65b") for method in ("full", "lora", "qlora")]
-    ax = plot_memory_report(reports, capacities={"24 GB": 24, "48 GB": 48, "80 GB": 80}, log=True,
+    ax = plot_memory_report(reports, capacities={"24 GiB": 24, "48 GiB": 48, "80 GiB": 80}, log=True,
                             title="Chapter 7: predicted memory (batch 1, seq 512, r 64)")
     figure = save_figure(ax, out / "07-memory.png")
     return "\n".join([

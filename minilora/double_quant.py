@@ -102,7 +102,7 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
     padded = torch.nn.functional.pad(centered, (0, blocks * blocksize - n)).view(blocks, blocksize)
     absmax2 = padded.abs().amax(dim=1)  # zero padding never raises a block's max
 
-    code = dynamic_map().double()
+    code = dynamic_map().double().to(absmax.device)
     midpoints = (code[:-1] + code[1:]) / 2  # exact in float64
     scaled = centered.double() / absmax2.double().clamp(min=1e-38).repeat_interleave(blocksize)[:n]
     qabsmax = torch.searchsorted(midpoints, scaled).to(torch.uint8)
@@ -118,10 +118,10 @@ def double_dequantize(qabsmax, absmax2, offset, blocksize: int = DQ_BLOCKSIZE) -
     if not isinstance(absmax2, torch.Tensor) or absmax2.numel() != -(-n // blocksize):
         raise ValueError(f"absmax2: {n} codes in blocks of {blocksize} need {-(-n // blocksize)} constants, "
                          f"got {getattr(absmax2, 'numel', lambda: type(absmax2).__name__)()}")
-    offset = torch.as_tensor(offset, dtype=torch.float32)
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=qabsmax.device)
     if offset.numel() != 1:
         raise ValueError(f"offset: expected a single number, got shape {tuple(offset.shape)}")
-    levels = dynamic_map()[qabsmax.reshape(-1).long()]
+    levels = dynamic_map().to(qabsmax.device)[qabsmax.reshape(-1).long()]
     scale = absmax2.reshape(-1).float().repeat_interleave(blocksize)[:n]
     return levels * scale + offset.reshape(())
 

@@ -231,7 +231,7 @@ def quantize_4bit_reference(x: torch.Tensor, blocksize: int = 64, quant_type: st
     """
     check_input(x)
     check_blocksize(blocksize)
-    midpoints, order = code_midpoints(get_code(quant_type))
+    midpoints, order = code_midpoints(get_code(quant_type).to(x.device))
 
     values = x.reshape(-1).float()
     n = values.numel()
@@ -305,14 +305,15 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     """
     check_input(x)
     check_blocksize(blocksize)
-    midpoints, order = code_midpoints(get_code(quant_type))
+    # Tables and outputs live on x's device: the same code quantizes on a CPU and on a GPU.
+    midpoints, order = code_midpoints(get_code(quant_type).to(x.device))
     pattern_of_position = None if quant_type == "nf4" else order.to(torch.uint8)  # NF4 is sorted already
 
     flat = x.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
 
     step = max(CHUNK_ELEMENTS, blocksize)  # a multiple of blocksize (both are powers of two), hence even
     for start in range(0, full, step):
@@ -341,7 +342,7 @@ def dequantize_4bit_reference(packed, absmax, shape, blocksize=64, quant_type="n
     """Ŵ = code[q] · absmax[block] in float32, cast to `dtype`: the plain version of `dequantize_4bit`."""
     shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
     n = math.prod(shape)
-    values = get_code(quant_type)[unpack_4bit(packed, n).long()]
+    values = get_code(quant_type).to(packed.device)[unpack_4bit(packed, n).long()]
     scale = absmax.reshape(-1).repeat_interleave(blocksize)[:n]
     return (values * scale).to(dtype).reshape(shape)
 
@@ -369,10 +370,10 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
     """
     shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
     n = math.prod(shape)
-    table = byte_pair_table(get_code(quant_type))
+    table = byte_pair_table(get_code(quant_type)).to(packed.device)  # decode where the bytes are
     flat_bytes = packed.reshape(-1)
     flat_absmax = absmax.reshape(-1)
-    out = torch.empty(n, dtype=dtype)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
     full = n - n % blocksize
 
     step = max(CHUNK_ELEMENTS, blocksize)
