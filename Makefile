@@ -8,7 +8,7 @@
 #   make exercises   the exercise tests against YOUR stubs in exercises/learner/
 #
 # GPU machines: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" demo
-# (any torch >= 2.2 works; the default below is the CPU build these machines keep on disk).
+# (any torch >= 2.6 works; the default below is the CPU build these machines keep on disk).
 
 PYTHON      ?= python3
 VENV        ?= .venv

@@ -2,6 +2,7 @@
 
 The package is a house with floors; each module imports only from the floors below it:
 
+    floor 0   files       atomic file writes (temporary name, then rename)
     floor 1   lora        the LoRA bypass h = W0 x + (α/r) B A x, injection, merging       (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
               paged       a paged AdamW: optimizer state in pages, LRU pool, write-back    (chapter 5)
@@ -12,6 +13,7 @@ The package is a house with floors; each module imports only from the floors bel
               plots       the charts the chapters share
     floor 3   qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
               adapters    adapter files in peft's format, for LoRA and AdaLoRA
+              distributed the loop under torchrun: DDP, FSDP over the adapter only           (chapter 7)
     floor 4   train       the training loop and its command line                           (chapter 6)
               __main__    `python -m minilora demo`, the guided tour
 

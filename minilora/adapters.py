@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minilora.adalora import AdaLoraConfig, add_svd_layers, svd_layers
+from minilora.files import write_atomically
 from minilora.lora import LoraConfig, add_lora, check_base, find_target_modules, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,8 +67,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, config, task_type: s
     config_json["task_type"] = task_type
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME,
+    write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(folder / CONFIG_NAME,
                   lambda tmp: Path(tmp).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n"))
     return folder
 
@@ -389,16 +389,3 @@ def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
         return load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"{weights_file} could not be read (truncated or corrupt?): {err}") from err
-
-
-def _atomic_write(target: Path, write) -> None:
-    """write(tmp_path) into a temporary file next to `target`, then os.replace it onto `target`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -23,13 +23,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from minilora.files import write_atomically
 
 # -- vocabulary ------------------------------------------------------------------------------------------
 
@@ -315,19 +316,6 @@ def default_cache_dir() -> Path:
     return Path(__file__).resolve().parent.parent / ".cache" / "minilora"
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see the old file or the new one."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def pretrained_tiny_llama(cache_dir=None, progress: bool = False) -> LlamaForCausalLM:
     """The tiny Llama after pretraining on the copy task (100 % exact match on it, ~0 % on "finetune").
 
@@ -356,6 +344,6 @@ def pretrained_tiny_llama(cache_dir=None, progress: bool = False) -> LlamaForCau
         torch.set_num_threads(threads)
     cache_dir.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    _write_atomically(config_path, lambda tmp: Path(tmp).write_text(config.to_json_string()))
-    _write_atomically(weights_path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomically(config_path, lambda tmp: Path(tmp).write_text(config.to_json_string()))
+    write_atomically(weights_path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     return model.eval()

@@ -55,6 +55,7 @@ from minilora import data as running_example
 from minilora import distributed
 from minilora.adalora import AdaLoraConfig, add_adalora, orthogonal_penalty
 from minilora.adapters import save_adapter
+from minilora.files import write_atomically
 from minilora.lora import LoraConfig, add_lora, count_parameters
 from minilora.paged import DEFAULT_PAGE_BYTES, STATE_BYTES_PER_ELEMENT, PagedAdamW
 from minilora.qlora import enable_gradient_checkpointing, model_nbytes, prepare_for_kbit_training, quantize_model
@@ -643,13 +644,14 @@ METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "eval_loss", "eval_accuracy"
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """The whole CSV, rewritten atomically (floats as repr, so they read back bit for bit)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else repr(row[k])) for k in METRIC_FIELDS})
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else repr(row[k])) for k in METRIC_FIELDS})
+
+    write_atomically(path, write)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -740,9 +742,8 @@ def _prepare_run_dir(config: TrainConfig) -> Path:
         for old in list_checkpoints(run_dir):
             shutil.rmtree(old)
         (run_dir / "metrics.csv").unlink(missing_ok=True)
-    tmp = saved_config.with_name("config.json.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    os.replace(tmp, saved_config)
+    text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    write_atomically(saved_config, lambda tmp: Path(tmp).write_text(text))
     return run_dir
 
 

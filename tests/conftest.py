@@ -23,3 +23,15 @@ def tiny_llama():
 @pytest.fixture
 def token_ids():
     return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def eager_bitsandbytes():
+    """bitsandbytes torch.compile's its pure-PyTorch dequantize fallback (odd last dimensions): ~25 s of
+    compilation per shape on CPU. Run it eagerly; compiling does not change what it computes."""
+    import torch._dynamo
+
+    before = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = before

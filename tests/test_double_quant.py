@@ -3,6 +3,7 @@
 import bitsandbytes.functional as bnb_f
 import pytest
 import torch
+from bitwise import bits
 from safetensors.torch import load_file, save_file
 
 from minilora.double_quant import (
@@ -14,21 +15,7 @@ from minilora.double_quant import (
 )
 from minilora.nf4 import dequantize_4bit, quantize_4bit
 
-
-@pytest.fixture(scope="module", autouse=True)
-def eager_bitsandbytes():
-    """bitsandbytes torch.compile's its dequantize fallback for odd last dimensions; run it eagerly."""
-    import torch._dynamo
-
-    before = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = before
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-    return t.contiguous().reshape(-1).view(ints[t.dtype])
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
 
 
 def weight(rows, cols, seed=0, dtype=torch.bfloat16):

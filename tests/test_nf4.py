@@ -7,6 +7,7 @@ import textwrap
 import bitsandbytes.functional as bnb_f
 import pytest
 import torch
+from bitwise import bits
 
 from minilora.nf4 import (
     BLOCKSIZES,
@@ -28,22 +29,7 @@ from minilora.nf4 import (
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def eager_bitsandbytes():
-    """bitsandbytes torch.compile's its pure-PyTorch dequantize fallback (odd last dimensions): ~25 s of
-    compilation per shape on CPU. Run it eagerly; compiling does not change what it computes."""
-    import torch._dynamo
-
-    before = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = before
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor, flat, so that equality means equality in every bit (incl. -0.0)."""
-    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-    return t.contiguous().reshape(-1).view(ints[t.dtype])
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
 
 
 def bits_any_zero(t: torch.Tensor) -> torch.Tensor:
