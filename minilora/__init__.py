@@ -8,14 +8,16 @@ The package is a house with floors; each module imports only from the floors bel
               paged       a paged AdamW: optimizer state in pages, LRU pool, write-back    (chapter 5)
               memory      the memory model of a fine-tuning run                             (chapter 7)
               data        the running example: a tiny Llama and a new skill to teach it
+              checkpoints what a run writes: checkpoint pieces, the metrics file, the loss plot
     floor 2   adalora     SVD-form updates P Λ Q, importance scores, the budget schedule   (chapter 2)
               double_quant   quantizing the quantization constants                       (chapter 4)
               plots       the charts the chapters share
+              instructions  JSONL instruction data → tokens → shuffled micro-batches
     floor 3   qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
               adapters    adapter files in peft's format, for LoRA and AdaLoRA
               distributed the loop under torchrun: DDP, FSDP over the adapter only           (chapter 7)
     floor 4   train       the training loop and its command line                           (chapter 6)
-              __main__    `python -m minilora demo`, the guided tour
+    floor 5   __main__    `python -m minilora demo`, the guided tour
 
 Everything a reader needs most is importable from here: `from minilora import add_lora, LoraConfig`.
 Each module has more (helpers, the readable reference kernels); import those from the module itself.

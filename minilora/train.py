@@ -24,15 +24,16 @@ sharding the adapter; micro-batches split among the processes, the same losses a
 
     torchrun --nproc_per_node 4 -m minilora.train --model <folder> --method qlora --distributed ddp
 
-Reading order: `TrainConfig` (every option, validated), data (`TokenData`, `Batches`, `load_data`), model and
-method (`load_model`, `apply_method`), optimizer and schedule, `evaluate`, checkpoints, `train`, `main`.
+Reading order: `TrainConfig` (every option, validated), data (`load_data`; the JSONL reader, tokenizers and
+`Batches` are in minilora.instructions), model and method (`load_model`, `apply_method`), optimizer and schedule,
+`evaluate`, checkpoints (`save_checkpoint`, `load_checkpoint`; their pieces, the metrics file and the loss plot
+are in minilora.checkpoints), `train`, `main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -55,7 +56,20 @@ from minilora import data as running_example
 from minilora import distributed
 from minilora.adalora import AdaLoraConfig, add_adalora, orthogonal_penalty
 from minilora.adapters import save_adapter
+from minilora.checkpoints import (
+    CHECKPOINT_PREFIX,
+    allocator_state,
+    list_checkpoints,
+    load_allocator_state,
+    plot_losses,
+    read_metrics,
+    rng_state,
+    set_rng_state,
+    trainable_state,
+    write_metrics,
+)
 from minilora.files import write_atomically
+from minilora.instructions import Batches, CharTokenizer, HFTokenizer, TokenData, read_jsonl, tokenize_records
 from minilora.lora import LoraConfig, add_lora, count_parameters
 from minilora.paged import DEFAULT_PAGE_BYTES, STATE_BYTES_PER_ELEMENT, PagedAdamW
 from minilora.qlora import enable_gradient_checkpointing, model_nbytes, prepare_for_kbit_training, quantize_model
@@ -219,133 +233,8 @@ def make_config(config=None, **overrides) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: token tensors, shuffled micro-batches, the JSONL reader
+# Data: the running example's task, or JSONL files read by minilora.instructions
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenData:
-    """n examples, right-padded to a common length: input_ids, labels (-100 = not scored), attention_mask.
-
-    Right padding is harmless for a causal LM: a pad token sits after every real token, so no real token
-    attends to it, and its label is -100, so it adds nothing to the loss.
-    """
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The examples at `index`, trimmed to the longest one among them."""
-        mask = self.attention_mask[index]
-        length = int(mask.sum(dim=1).max())
-        return {"input_ids": self.input_ids[index, :length], "labels": self.labels[index, :length],
-                "attention_mask": mask[:, :length]}
-
-
-class Batches:
-    """Micro-batches in shuffled epochs. `position` (micro-batches served so far) is the loader's whole state:
-    epoch e's order is randperm(n) drawn from a generator seeded with seed + e, so any position can be
-    restarted exactly."""
-
-    def __init__(self, data: TokenData, batch_size: int, seed: int, position: int = 0):
-        if batch_size > len(data):
-            raise ValueError(f"--batch-size={batch_size} is larger than the {len(data)} training examples")
-        self.data, self.batch_size, self.seed, self.position = data, batch_size, seed, position
-        self.per_epoch = len(data) // batch_size  # a last partial batch is dropped
-        self._epoch, self._order = None, None
-
-    def next(self) -> dict[str, torch.Tensor]:
-        epoch, k = divmod(self.position, self.per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order = epoch, torch.randperm(len(self.data), generator=generator)
-        self.position += 1
-        return self.data.batch(self._order[k * self.batch_size:(k + 1) * self.batch_size])
-
-
-def read_jsonl(path) -> list[dict]:
-    """[{"prompt": str, "response": str}, ...] from a JSONL file; errors name the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data: no such file {str(path)!r} "
-                                f"(give 'running-example' or a JSONL file)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno}): "
-                                 f"{line.strip()[:80]!r}") from None
-            if (not isinstance(record, dict) or not isinstance(record.get("prompt"), str)
-                    or not isinstance(record.get("response"), str)):
-                raise ValueError(f"{path}:{line_no}: each line must be an object with string fields "
-                                 f"'prompt' and 'response', got {line.strip()[:80]!r}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path}: the file holds no examples")
-    return records
-
-
-class CharTokenizer:
-    """The running example's tokenizer (one token per letter, `<bos>`-style specials), for JSONL files."""
-
-    pad_token_id = running_example.PAD_ID
-
-    def prompt_ids(self, text: str) -> list[int]:
-        return running_example.encode(text)
-
-    def response_ids(self, text: str) -> list[int]:
-        return running_example.encode(text)
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer: the prompt gets the model's start tokens, the response ends in EOS."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_token_id = 0 if pad is None else pad
-
-    def prompt_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
-    def response_ids(self, text: str) -> list[int]:
-        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-
-
-def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, source: str) -> TokenData:
-    """Prompt + response token ids, labels -100 on the prompt (the loss is on the response only)."""
-    rows, label_rows = [], []
-    for i, record in enumerate(records):
-        try:
-            prompt = tokenizer.prompt_ids(record["prompt"])
-            response = tokenizer.response_ids(record["response"])
-        except ValueError as err:
-            raise ValueError(f"{source}: example {i + 1}: {err}") from None
-        ids = (prompt + response)[:max_seq_len]
-        labels = ([-100] * len(prompt) + response)[:max_seq_len]
-        if all(label == -100 for label in labels):
-            raise ValueError(f"{source}: example {i + 1}: no response token left within --max-seq-len="
-                             f"{max_seq_len} (prompt has {len(prompt)} tokens)")
-        rows.append(ids)
-        label_rows.append(labels)
-    length = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(rows, label_rows)):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(lab)] = torch.tensor(lab)
-        attention_mask[i, :len(ids)] = 1
-    return TokenData(input_ids, labels, attention_mask)
 
 
 def _from_task(task) -> TokenData:
@@ -532,45 +421,8 @@ def evaluate(model: nn.Module, data: TokenData, device: torch.device, autocast, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: everything the next loss depends on, written atomically
+# Checkpoints: everything the next loss depends on (the pieces: minilora.checkpoints), written atomically
 # ----------------------------------------------------------------------------------------------------
-
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def allocator_state(allocator) -> dict:
-    """AdaLoRA's allocator: importance EMAs, budget, phase and every layer's rank mask."""
-    return {"exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
-            "updates": allocator.updates, "budget": allocator.budget,
-            "pattern_fixed": allocator.pattern_fixed, "last_step": allocator.last_step,
-            "rank_masks": {name: layer.rank_mask.clone() for name, layer in allocator.layers.items()}}
-
-
-def load_allocator_state(allocator, state: dict) -> None:
-    for key in ("exp_avg_ipt", "exp_avg_unc", "updates", "budget", "pattern_fixed", "last_step"):
-        setattr(allocator, key, state[key])
-    for name, layer in allocator.layers.items():
-        layer.rank_mask = state["rank_masks"][name].to(layer.rank_mask.device)
-    allocator._snapshot = allocator._all_E()
 
 
 def save_checkpoint(run_dir: Path, step: int, model, adapter, optimizer, scheduler, batches, allocator,
@@ -606,13 +458,6 @@ def save_checkpoint(run_dir: Path, step: int, model, adapter, optimizer, schedul
     return final
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints in step order (temporary folders of an interrupted save are ignored)."""
-    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
 def load_checkpoint(folder: Path, model, optimizer, scheduler, allocator, job=None, opt_params=None) -> dict:
     """Restore a checkpoint into the run; `job` (a minilora.distributed.Distributed) puts each rank's share of
     sharded (FSDP) tensors in place, `opt_params` being the tensors the optimizer updates."""
@@ -633,55 +478,6 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, allocator, job=No
     if allocator is not None:
         load_allocator_state(allocator, state["allocator"])
     return state
-
-
-# ----------------------------------------------------------------------------------------------------
-# Metrics file and plot
-# ----------------------------------------------------------------------------------------------------
-
-METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "eval_loss", "eval_accuracy", "elapsed_s")
-
-
-def write_metrics(path: Path, rows: list[dict]) -> None:
-    """The whole CSV, rewritten atomically (floats as repr, so they read back bit for bit)."""
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if row.get(k) is None else repr(row[k])) for k in METRIC_FIELDS})
-
-    write_atomically(path, write)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        rows = []
-        for row in csv.DictReader(f):
-            rows.append({k: (None if row[k] == "" else (int(row[k]) if k == "step" else float(row[k])))
-                         for k in METRIC_FIELDS})
-        return rows
-
-
-def plot_losses(path: Path, rows: list[dict], title: str) -> None:
-    """loss.png: the training loss per step and the eval loss where it was measured."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.8))
-    ax = fig.add_subplot()
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["loss"] for r in rows], label="train loss", linewidth=1)
-    evals = [(r["step"], r["eval_loss"]) for r in rows if r["eval_loss"] is not None]
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------

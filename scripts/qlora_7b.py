@@ -49,21 +49,23 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 
 from minilora import memory  # noqa: E402
 from minilora.data import tiny_llama_config  # noqa: E402
-from minilora.lora import add_lora, count_parameters  # noqa: E402
-from minilora.qlora import prepare_for_kbit_training, quantize_model  # noqa: E402
-from minilora.train import (  # noqa: E402
+from minilora.instructions import (  # noqa: E402
     Batches,
     CharTokenizer,
     HFTokenizer,
     TokenData,
+    read_jsonl,
+    tokenize_records,
+)
+from minilora.lora import add_lora, count_parameters  # noqa: E402
+from minilora.qlora import prepare_for_kbit_training, quantize_model  # noqa: E402
+from minilora.train import (  # noqa: E402
     TrainConfig,
     build_optimizer,
     build_scheduler,
     lora_config,
-    read_jsonl,
     resolve_compute_dtype,
     resolve_device,
-    tokenize_records,
 )
 
 STACKS = ("minilora", "peft", "both")

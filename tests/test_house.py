@@ -13,7 +13,9 @@ PACKAGE = Path(minilora.__file__).resolve().parent
 FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "lora": 1, "nf4": 1, "paged": 1, "memory": 1, "data": 1,
+    "checkpoints": 1,
     "adalora": 2, "double_quant": 2, "plots": 2,
+    "instructions": 2,
     "qlora": 3, "adapters": 3,
     "distributed": 3,
     "train": 4, "__main__": 5,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from minilora.checkpoints import read_metrics
 from minilora.qlora import Linear4bit
-from minilora.train import TrainConfig, build_parser, lr_factor, main, make_config, read_metrics, train
+from minilora.train import TrainConfig, build_parser, lr_factor, main, make_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
