@@ -54,7 +54,6 @@ def setup_minilora(model, quantized):
     from minilora.lora import LoraConfig, add_lora
     from minilora.paged import PagedAdamW
     from minilora.qlora import quantize_model
-    from minilora.train import page_bytes_for
 
     if quantized:
         quantize_model(model, blocksize=64, double_quant=True, quant_type="nf4", compute_dtype=torch.bfloat16)
@@ -63,7 +62,7 @@ def setup_minilora(model, quantized):
     add_lora(model, LoraConfig(r=RANK, lora_alpha=32, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]
     if quantized:  # page size as minilora.train picks it (2 MiB pages would waste memory on small matrices)
-        optimizer = PagedAdamW(params, lr=2e-4, page_bytes=page_bytes_for(params))
+        optimizer = PagedAdamW(params, lr=2e-4)
     else:
         optimizer = torch.optim.AdamW(params, lr=2e-4)
     return model, optimizer

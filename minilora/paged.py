@@ -37,6 +37,7 @@ import torch
 
 STATE_BYTES_PER_ELEMENT = 8  # fp32 exp_avg (4 bytes) + fp32 exp_avg_sq (4 bytes)
 DEFAULT_PAGE_BYTES = 2 * 2**20  # 2 MiB, the large-page size CUDA unified memory migrates at most
+MIN_PAGE_BYTES = 4096  # 4 KiB, the small-page size of CPUs and of unified memory
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -193,6 +194,18 @@ def check_paging(page_bytes, device_budget_bytes) -> None:
                          f"{page_bytes} (room for one page), got device_budget_bytes={device_budget_bytes!r}")
 
 
+def page_bytes_for(params) -> int:
+    """The default page size: the smallest power of two holding the largest parameter's m and v, between
+    MIN_PAGE_BYTES (4 KiB) and DEFAULT_PAGE_BYTES (2 MiB).
+
+    Every parameter starts a page of its own, so fixed 2 MiB pages would spend 2 MiB of pool on a 16 × 64
+    LoRA matrix whose moments need 8 KiB. Sizing the page to the parameters keeps LoRA's many small matrices
+    cheap, and full fine-tuning's large ones still move in 2 MiB pieces.
+    """
+    largest = max(p.numel() for p in params) * STATE_BYTES_PER_ELEMENT
+    return min(DEFAULT_PAGE_BYTES, max(MIN_PAGE_BYTES, 1 << (largest - 1).bit_length()))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The optimizer
 # ----------------------------------------------------------------------------------------------------
@@ -203,6 +216,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     Arguments as torch.optim.AdamW (lr, betas, eps, weight_decay; parameter groups may override them), plus
     page_bytes           size of one page; it holds m and v for page_bytes // 8 consecutive elements
+                         (None: `page_bytes_for(params)`, a power of two that fits the largest parameter)
     device_budget_bytes  device memory the pool may use (None: no limit, pages never leave the device)
 
     Parameters: fp32, bf16 or fp16, contiguous, all on one device. State is always fp32; bf16/fp16
@@ -211,8 +225,12 @@ class PagedAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 page_bytes=DEFAULT_PAGE_BYTES, device_budget_bytes=None):
+                 page_bytes=None, device_budget_bytes=None):
         check_hyperparameters(lr, betas, eps, weight_decay)
+        if page_bytes is None:
+            # params may be a generator (model.parameters()) or groups holding generators: read them once.
+            params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+            page_bytes = page_bytes_for([p for g in params for p in (g["params"] if isinstance(g, dict) else [g])])
         check_paging(page_bytes, device_budget_bytes)
         self.page_bytes = page_bytes
         self.page_elements = page_bytes // STATE_BYTES_PER_ELEMENT

