@@ -3,6 +3,7 @@
 The package is a house with floors; each module imports only from the floors below it:
 
     floor 0   files       atomic file writes (temporary name, then rename)
+              machine     where a number was measured (CPU capability, threads, versions); quiet log lines
     floor 1   lora        the LoRA bypass h = W0 x + (α/r) B A x, injection, merging       (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
               paged       a paged AdamW: optimizer state in pages, LRU pool, write-back    (chapter 5)
@@ -46,12 +47,16 @@ from minilora.lora import (
     replace_module,
     trainable_summary,
 )
+from minilora.machine import quiet_known_log_lines
 from minilora.memory import MemoryReport, estimate
 from minilora.nf4 import dequantize_4bit, fp4_code, int4_code, nf4_code, pack_4bit, quantize_4bit, unpack_4bit
 from minilora.paged import PagedAdamW
 from minilora.qlora import Linear4bit, prepare_for_kbit_training, quantize_model
 
 __version__ = "0.1.0"
+
+# No module above imports bitsandbytes or peft at import time, so this runs before either can log.
+quiet_known_log_lines()
 
 __all__ = [
     # chapter 1: LoRA
