@@ -5,6 +5,7 @@ Fill in every body that raises NotImplementedError, then run
     .venv/bin/python -m pytest exercises/test_02_adalora.py            # against this file
 
 until everything passes. The book's solution is minilora/adalora.py; try without it first.
+Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write the four steps the allocator repeats after every optimizer step:
     budget_schedule     how many triplets may survive at this step (the cubic schedule)

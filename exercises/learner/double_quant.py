@@ -5,6 +5,7 @@ Fill in the body that raises NotImplementedError, then run
     .venv/bin/python -m pytest exercises/test_04_double_quant.py            # against this file
 
 until everything passes. The book's solution is minilora/double_quant.py; try without it first.
+Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write: `double_quantize` (8-bit blockwise quantization of the first-level constants).
 Given: `dynamic_map`, bitsandbytes' signed dynamic 8-bit map (256 sorted levels in [-1, 1]); building it

@@ -8,6 +8,7 @@ answer (a line or two each), then run
 until everything passes. The tests compare your answers with what minilora computes (a LoRALinear's real
 parameters, the memory model, bytes stored by QuantizedWeight, torch's AdamW state, FLOPs counted by torch).
 The book's answers are in exercises/solutions/interview.py; try without them first.
+Stuck? Longer hints are in exercises/ANSWERS.md.
 
 Units: GB = 10**9 bytes. "bits" and "bytes" are per parameter where the name says so.
 """

@@ -5,6 +5,7 @@ Fill in every body that raises NotImplementedError, then run
     .venv/bin/python -m pytest exercises/test_07_memory.py            # against this file
 
 until everything passes. The book's solution is minilora/memory.py; try without it first.
+Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write: `linear_shapes`, `count_parameters`, `lora_parameter_count` (exact parameter counts of a Llama),
 `optimizer_state_bytes` (what AdamW keeps) and `quant_constant_bytes` (the absmax bytes of one NF4 tensor).

@@ -5,6 +5,7 @@ Fill in every body that raises NotImplementedError, then run
     .venv/bin/python -m pytest exercises/test_05_paged.py            # against this file
 
 until everything passes. The book's solution is minilora/paged.py; try without it first.
+Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write: `adamw_update_page` (the AdamW update of one page of elements, in place) and the three methods
 of `LRUPool` that decide which page leaves the device pool (`touch`, `victim`, `admit`).

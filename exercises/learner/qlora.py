@@ -5,6 +5,7 @@ Fill in every body that raises NotImplementedError, then run
     .venv/bin/python -m pytest exercises/test_06_qlora.py            # against this file
 
 until everything passes. The book's solution is minilora/qlora.py; try without it first.
+Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write: MatMul4bit (the autograd Function that never keeps a 16-bit weight) and quantize_model.
 Given (imported from minilora, not part of the exercise): QuantizedWeight (Chapters 3-4), Linear4bit (the
