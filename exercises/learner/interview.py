@@ -8,6 +8,7 @@ answer (a line or two each), then run
 until everything passes. The tests compare your answers with what minilora computes (a LoRALinear's real
 parameters, the memory model, bytes stored by QuantizedWeight, torch's AdamW state, FLOPs counted by torch).
 The book's answers are in exercises/solutions/interview.py; try without them first.
+Stuck? Longer hints are in exercises/ANSWERS.md.
 
 Units: GB = 10**9 bytes. "bits" and "bytes" are per parameter where the name says so.
 """
@@ -28,9 +29,8 @@ def lora_fraction(d: int, k: int, r: int) -> float:
 def bits_per_param(blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256) -> float:
     """Storage of a blockwise 4-bit weight per parameter, in bits, in the limit of a large tensor."""
     raise NotImplementedError(
-        "hint: 4 bits of code per weight, plus the constants shared by a block: one fp32 absmax (32 bits) per "
-        "`blocksize` weights. With double quantization each absmax becomes 8 bits, and every `dq_blocksize` of "
-        "them share one fp32 scale. Check: 4.5 without DQ, 4.127 with, at blocksize 64.")
+        "hint: 4 bits of code plus each weight's share of its block's constants. Check: 4.5 without DQ, "
+        "4.127 with, at blocksize 64.")
 
 
 def dq_saving_bits(blocksize: int = 64, dq_blocksize: int = 256) -> float:
@@ -56,14 +56,13 @@ def full_finetune_gb(num_params: int, master_weights: bool = True) -> float:
     """GB for weights + gradients + optimizer state of mixed-precision full fine-tuning with Adam (bf16
     weights and gradients, fp32 moments, optionally an fp32 master copy); activations not included."""
     raise NotImplementedError(
-        "hint: per parameter, 2 bytes of bf16 weight + 2 bytes of bf16 gradient + the Adam state above. "
-        "Check: 16 bytes per parameter with a master copy, 12 without.")
+        "hint: weight + gradient + optimizer state, per parameter. Check: 16 bytes with a master copy, "
+        "12 without.")
 
 
 def training_flops_per_token(num_params: int, method: str = "full") -> int:
     """Matmul FLOPs per trained token for a model of `num_params` weights, without gradient checkpointing:
     method "full" trains every weight, "lora" (or "qlora") keeps them frozen (ignore the small adapters)."""
     raise NotImplementedError(
-        "hint: forward is 2 FLOPs per weight (a multiply and an add). Backward computes the gradient with "
-        "respect to the input (2 per weight) and, only for weights that train, with respect to the weight "
-        "(2 more).")
+        "hint: count forward, input-gradient and weight-gradient matmuls; which one does a frozen weight "
+        "skip?")
