@@ -6,7 +6,7 @@ Fill in every body that raises NotImplementedError, then run
 
 until everything passes. The book's solution is minilora/memory.py; try without it first.
 
-You write: `linear_shapes`, `count_parameters`, `lora_parameter_count` (exact parameter counts of a Llama),
+You write: `linear_shapes`, `parameter_counts`, `lora_parameter_count` (exact parameter counts of a Llama),
 `optimizer_state_bytes` (what AdamW keeps) and `quant_constant_bytes` (the absmax bytes of one NF4 tensor).
 Given (imported from minilora.memory, not part of the exercise): `architecture(config)` turns a preset
 name, a dict or a transformers LlamaConfig into an `Architecture` with fields hidden_size, intermediate_size,
@@ -29,7 +29,7 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
         "nn.Linear stores (out, in).")
 
 
-def count_parameters(config) -> dict[str, int]:
+def parameter_counts(config) -> dict[str, int]:
     """Exact parameter count: {"linear", "embedding", "lm_head", "norm", "total"}."""
     raise NotImplementedError(
         "hint: linear = layers · Σ out·in over linear_shapes; embedding = V·h; lm_head = V·h unless "
