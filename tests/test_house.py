@@ -20,7 +20,8 @@ FLOORS = {
     "plots": 3,
     "qlora": 3, "adapters": 3,
     "distributed": 3,
-    "train": 4, "__main__": 5,
+    "train": 4, "experiments": 4,  # the chapters' experiments: short real runs (chapters 6 and 9)
+    "__main__": 5,
 }
 
 
