@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
@@ -337,6 +338,8 @@ FIGURES = {
 
 def main(prefixes: list[str]) -> int:
     torch.set_num_threads(1)  # the models are tiny: one thread is as fast, and the same on every machine
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # MiniLM's loading bar
     unknown = [p for p in prefixes if not any(name.startswith(p) for name in FIGURES)]
     if unknown:
         print(f"no figure starts with {unknown}; figures: {list(FIGURES)}", file=sys.stderr)
