@@ -40,8 +40,8 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
 CHECK = re.compile(r"<!--\s*check:\s*(.*?)\s*-->")
 NUMBER = re.compile(r"[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 IMAGE = re.compile(r"!\[[^\]]*\]\((figures/[^)\s]+)\)")
-CHECK_MODULES = ("architecture", "memory", "measure", "lora", "nf4", "double_quant", "adalora", "paged", "qlora",
-                 "data")
+CHECK_MODULES = ("architecture", "activations", "memory", "measure", "lora", "nf4", "double_quant", "adalora",
+                 "paged", "qlora", "data")
 
 
 def chapter_id(path: Path) -> str:

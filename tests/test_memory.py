@@ -13,12 +13,12 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minilora import memory
+from minilora.activations import activation_breakdown
 from minilora.architecture import PRESETS, count_parameter_tensors, lora_parameter_count, parameter_counts
 from minilora.measure import held_tensor_bytes, measure_saved_bytes, measure_training_bytes
 from minilora.memory import (
     GB,
     MB,
-    activation_breakdown,
     bits_per_parameter,
     estimate,
     importance_score_bytes,
