@@ -257,7 +257,8 @@ def dtype_experiment() -> Figure:
     minilm = experiments.minilm_embedding_error()
     figure = Figure(figsize=(9, 3.6), layout="constrained")
     left, right = figure.subplots(1, 2)
-    plot_spread(tiny, left, "KL(p ‖ p̂) per token, nats", "tiny Llama: 3 pretraining seeds × 256 strings")
+    plot_spread(tiny, left, "KL(p ‖ p̂) per token, mean over a string (nats)",
+                "tiny Llama: 3 pretraining seeds × 256 strings")
     if minilm is not None:
         plot_spread(minilm, right, "1 − cos(embedding, quantized)", "all-MiniLM-L6-v2: 64 sentences")
     else:
