@@ -28,7 +28,7 @@ COMPONENT_COLORS = {
 
 
 def _new_axes(figsize: tuple[float, float]) -> Axes:
-    return Figure(figsize=figsize, layout="constrained").subplots()
+    return Figure(figsize=figsize).subplots()
 
 
 def plot_memory_report(report_or_reports, ax: Axes | None = None, capacities: dict[str, float] | None = None,
