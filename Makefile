@@ -22,7 +22,7 @@ STAMP       := $(VENV)/.minilora-installed
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: demo test test-portable lint pytest exercises-reference exercises-stubs nbval lab bench exercises setup clean
+.PHONY: demo test test-portable lint pytest exercises-reference exercises-stubs nbval lab bench exercises figures setup clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,9 @@ bench: $(STAMP)
 
 exercises: $(STAMP)
 	$(PY) -m pytest exercises --impl=learner -v --tb=short
+
+figures: $(STAMP)
+	$(PY) scripts/figures.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
