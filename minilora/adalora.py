@@ -17,6 +17,7 @@ Reading order: `SVDLinear` (one layer), `AdaLoraConfig`, `add_adalora`, `orthogo
 three steps of the allocator as plain functions, `budget_schedule`, `update_importance` (+ `triplet_score`)
 and `mask_to_budget`, and finally `RankAllocator`, which strings them together once per training step:
 
+    add_adalora(model, config); allocator = RankAllocator(model, config)
     loss = model(input_ids, labels=labels).loss + config.orth_reg_weight * orthogonal_penalty(model)
     loss.backward()
     optimizer.step()
@@ -36,13 +37,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minilora.checks import check_int, check_number, is_int
 from minilora.lora import (
-    LoRALinear,
+    LowRankLinear,
     check_hyperparameters,
     check_target_modules,
     find_target_modules,
-    mark_only_lora_trainable,
-    replace_module,
+    wrap_modules,
 )
 
 INIT_STD = 0.02  # A and B start as N(0, 0.02²) noise, E at zero (peft's and the paper's code)
@@ -52,8 +53,8 @@ INIT_STD = 0.02  # A and B start as N(0, 0.02²) noise, E at zero (peft's and th
 # ----------------------------------------------------------------------------------------------------
 
 
-class SVDLinear(LoRALinear):
-    """h = base(x) + α/(ranknum + 1e-5) · P Λ Q dropout(x): LoRA's bypass with singular values in between.
+class SVDLinear(LowRankLinear):
+    """h = base(x) + α/(ranknum + 1e-5) · P Λ Q dropout(x): a low-rank bypass with singular values in between.
 
     `lora_A` = Q (r, in_features), `lora_E` = Λ (r, 1), `lora_B` = P (out_features, r), all trainable.
     `scaling` = lora_alpha (not divided by r as in LoRA); the bypass is divided by `ranknum` instead, a
@@ -64,19 +65,23 @@ class SVDLinear(LoRALinear):
     both non-zero, so the gradient reaches Λ from the first step.
 
     `rank_mask` (bool, one per triplet) is the allocator's latest verdict: False means that triplet's Λ was
-    zeroed at the last masking step. Merging (`merge`, `unmerge`, `minilora.lora.merge_lora`) is inherited
-    from LoRALinear and works unchanged through `delta_weight`.
+    zeroed at the last masking step. Merging (`merge`, `unmerge`, `minilora.lora.merge_lora`) comes from
+    minilora.lora.LowRankLinear and works through `delta_weight`. It is not a LoRALinear: a LoRA adapter file
+    or `lora_layers()` never mistakes it for one.
     """
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0):
-        # LoRALinear checks the arguments, freezes `base` and creates lora_A, lora_B and the dropout.
-        super().__init__(base, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        check_hyperparameters(r, lora_alpha, lora_dropout, init="kaiming")
+        super().__init__(base, r, lora_alpha, lora_dropout)   # checks the base, freezes it
         self.scaling = lora_alpha
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=self.lora_A.device, dtype=self.lora_A.dtype))
+        self.lora_A = self.new_matrix(r, self.in_features)
+        self.lora_E = self.new_matrix(r, 1)
+        self.lora_B = self.new_matrix(self.out_features, r)
         self.register_buffer("ranknum", torch.tensor(float(r), device=self.lora_A.device), persistent=False)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=self.lora_A.device),
                              persistent=False)
         self.reset_svd_parameters()
+        self.train(base.training)
 
     def reset_svd_parameters(self) -> None:
         """Λ = 0, P and Q ~ N(0, 0.02²): ΔW = 0 at start, yet every parameter gets a gradient."""
@@ -126,10 +131,6 @@ class SVDLinear(LoRALinear):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass
 class AdaLoraConfig:
     """AdaLoRA's hyper-parameters; names and defaults as peft's AdaLoraConfig.
@@ -157,34 +158,24 @@ class AdaLoraConfig:
     target_modules: str | tuple[str, ...] | list[str] = ("q_proj", "v_proj")
 
     def __post_init__(self):
-        if not _is_int(self.total_step) or self.total_step <= 0:
-            raise ValueError(f"total_step must be given as an integer > 0 (the budget schedule is laid out "
-                             f"over the whole run), got total_step={self.total_step!r}")
-        for name in ("tinit", "tfinal"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {name}={value!r}")
+        check_int("total_step", self.total_step, 1, why=" (the budget schedule is laid out over the whole run)")
+        check_int("tinit", self.tinit, 0)
+        check_int("tfinal", self.tfinal, 0)
         if self.tinit + self.tfinal >= self.total_step:
             raise ValueError(
                 f"tinit + tfinal must be < total_step to leave steps for the budget to decay, got "
                 f"tinit={self.tinit} + tfinal={self.tfinal} >= total_step={self.total_step}")
-        for name in ("init_r", "target_r", "deltaT"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+        check_int("init_r", self.init_r, 1)
+        check_int("target_r", self.target_r, 1)
+        check_int("deltaT", self.deltaT, 1)
+        # lora_alpha and lora_dropout follow LoRA's rules.
+        check_hyperparameters(self.init_r, self.lora_alpha, self.lora_dropout, init="kaiming")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r must be <= init_r (the budget only shrinks), got "
                              f"target_r={self.target_r} > init_r={self.init_r}")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be an EMA factor in [0, 1), got {name}={value!r}")
-        if isinstance(self.orth_reg_weight, bool) or not isinstance(self.orth_reg_weight, (int, float)) \
-                or not self.orth_reg_weight >= 0:
-            raise ValueError(f"orth_reg_weight must be a number >= 0, "
-                             f"got orth_reg_weight={self.orth_reg_weight!r}")
-        # lora_alpha and lora_dropout follow LoRA's rules; init_r was checked above.
-        check_hyperparameters(self.init_r, self.lora_alpha, self.lora_dropout, init="kaiming")
+        check_number("beta1", self.beta1, 0, 1, high_open=True, why=" (an EMA factor)")
+        check_number("beta2", self.beta2, 0, 1, high_open=True, why=" (an EMA factor)")
+        check_number("orth_reg_weight", self.orth_reg_weight, 0)
         check_target_modules(self.target_modules)
 
 
@@ -198,32 +189,19 @@ def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SVDLinear)}
 
 
-def add_svd_layers(model: nn.Module, config: AdaLoraConfig) -> nn.Module:
-    """Wrap every target of `config` in an SVDLinear of rank init_r (in place), freeze everything else.
+def add_adalora(model: nn.Module, config: AdaLoraConfig) -> nn.Module:
+    """Wrap every target of `config` in an SVDLinear of rank init_r (in place), freeze everything else;
+    returns `model`, as `add_lora` does.
 
     All new layers are built before any is put in, so a bad rank for one layer leaves the model untouched.
-    Training needs the allocator too: use `add_adalora`. (Loading a finished adapter uses this alone.)
+    Training also needs the allocator: `RankAllocator(model, config)`, called once per optimizer step.
     """
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"config must be a minilora.adalora.AdaLoraConfig, got {type(config).__name__}")
-    names = find_target_modules(model, config.target_modules)
-    new_layers = {}
-    for name in names:
-        try:
-            new_layers[name] = SVDLinear(model.get_submodule(name), r=config.init_r,
-                                         lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"module {name!r}: {err}") from err
-    for name, layer in new_layers.items():
-        replace_module(model, name, layer)
-    mark_only_lora_trainable(model)
+    wrap_modules(model, find_target_modules(model, config.target_modules),
+                 lambda base: SVDLinear(base, r=config.init_r, lora_alpha=config.lora_alpha,
+                                        lora_dropout=config.lora_dropout))
     return model
-
-
-def add_adalora(model: nn.Module, config: AdaLoraConfig) -> RankAllocator:
-    """`add_svd_layers`, then return the `RankAllocator` that must be called once per training step."""
-    add_svd_layers(model, config)
-    return RankAllocator(model, config)
 
 
 def orthogonal_penalty(model: nn.Module) -> torch.Tensor:
@@ -336,7 +314,7 @@ class RankAllocator:
         self.layers = svd_layers(model)
         if not self.layers:
             raise ValueError(f"RankAllocator: {type(model).__name__} has no SVDLinear layers "
-                             f"(use add_adalora(model, config), which returns the allocator)")
+                             f"(call add_adalora(model, config) first)")
         self.init_budget = sum(layer.r for layer in self.layers.values())
         self.target_budget = config.target_r * len(self.layers)
         self.budget = self.init_budget
@@ -434,7 +412,7 @@ class RankAllocator:
           step > F:   re-apply the fixed pattern (the optimizer may have moved the zeroed Λ_i).
         If the call at F was skipped, the first later call fixes the pattern instead.
         """
-        if not _is_int(step) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got step={step!r}")
         if self.last_step is not None and step != self.last_step + 1:
             warnings.warn(f"update_and_allocate(step={step}) follows step={self.last_step}: call it once per "
@@ -458,6 +436,27 @@ class RankAllocator:
         self.budget = budget
         self._snapshot = self._all_E()
         return budget
+
+    # -- saving and resuming ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything the next allocation depends on: the EMAs, the phase, and every layer's rank mask."""
+        return {"exp_avg_ipt": dict(self.exp_avg_ipt), "exp_avg_unc": dict(self.exp_avg_unc),
+                "updates": self.updates, "budget": self.budget, "pattern_fixed": self.pattern_fixed,
+                "last_step": self.last_step,
+                "rank_masks": {name: layer.rank_mask.clone() for name, layer in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; call it after the adapter weights are back in place."""
+        if set(state["rank_masks"]) != set(self.layers):
+            raise ValueError(f"RankAllocator.load_state_dict: the saved layers differ from this model's "
+                             f"(e.g. {sorted(set(state['rank_masks']) ^ set(self.layers))[:3]})")
+        self.exp_avg_ipt, self.exp_avg_unc = dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
+        self.updates, self.budget = state["updates"], state["budget"]
+        self.pattern_fixed, self.last_step = state["pattern_fixed"], state["last_step"]
+        for name, layer in self.layers.items():
+            layer.rank_mask = state["rank_masks"][name].to(layer.rank_mask.device)
+        self._snapshot = self._all_E()
 
     def rank_grid(self) -> tuple[list[int], list[str], list[list[int]]]:
         """(layer numbers, module kinds, grid) with grid[i][j] = kept triplets of kind j in layer i.

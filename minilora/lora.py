@@ -8,9 +8,10 @@ LoRA bets that ΔW has low rank and writes it as a product of two thin matrices:
 W0 stays frozen; only A and B train, r · (d_in + d_out) numbers per layer instead of d_in · d_out. B starts at
 zero, so the wrapped model computes exactly what the pretrained one did until the first optimizer step.
 
-Reading order: `LoRALinear` (one layer), `LoraConfig` (which layers, which rank), the target-matching helpers
-(`find_target_modules`, `replace_module`, `mark_only_lora_trainable`, reused by minilora.adalora), then
-`add_lora`, `merge_lora` and `trainable_summary` for a whole model.
+Reading order: `LowRankLinear` (what every bypass layer shares: frozen base, dropout, merging) and `LoRALinear`
+(one layer), `LoraConfig` (which layers, which rank), the target-matching helpers (`find_target_modules`,
+`replace_module`, `mark_only_lora_trainable`, reused by minilora.adalora), then `add_lora`, `merge_lora` and
+`trainable_summary` for a whole model.
 
 The base-layer protocol
 -----------------------
@@ -23,7 +24,7 @@ The base-layer protocol
 That is how the 4-bit `minilora.qlora.Linear4bit` (QLoRA chapter) gets a LoRA bypass without this file
 importing it (imports in minilora only go downward). Such a base stores no float weight we could add ΔW to, so
 `LoRALinear.merge()` refuses it; `merge_lora` instead builds a fresh `nn.Linear` from
-`dequantized_weight + ΔW` (in bf16 unless told otherwise).
+`dequantized_weight + ΔW` (in the dtype of the model's embeddings unless told otherwise).
 
 Everything here mirrors peft 0.21 (initialisation, scaling, which modules a target pattern picks, the
 parameter-count line), and tests/test_lora.py checks it against peft number for number.
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from minilora.checks import check_choice, check_int, check_number
 
 INITS = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -62,16 +65,10 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def check_hyperparameters(r, lora_alpha, lora_dropout, init) -> None:
     """Raise ValueError naming the argument and value for anything LoRA cannot use."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an integer >= 1 (the rank of B A), got r={r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a number > 0 (the bypass is scaled by lora_alpha / r), "
-                         f"got lora_alpha={lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
-            or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be a probability in [0, 1), got lora_dropout={lora_dropout!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got init={init!r}")
+    check_int("r", r, 1, why=" (the rank of B A)")
+    check_number("lora_alpha", lora_alpha, 0, low_open=True, why=" (the bypass is scaled by lora_alpha / r)")
+    check_number("lora_dropout", lora_dropout, 0, 1, high_open=True, why=" (a probability)")
+    check_choice("init", init, INITS)
 
 
 def check_base(base: nn.Module, r: int) -> None:
@@ -96,37 +93,79 @@ def check_base(base: nn.Module, r: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-class LoRALinear(nn.Module):
-    """h = base(x) + (α/r) · B A dropout(x), with `base` frozen and only A, B trainable (LoRA eq. 3).
+class LowRankLinear(nn.Module):
+    """What every bypass layer shares: a frozen `base`, dropout on the bypass input, and merging.
 
-    `lora_A` is (r, in_features), `lora_B` is (out_features, r), `scaling` = lora_alpha / r.
-    The adapter matrices live in float32 on the base layer's device, whatever the base's dtype: they are
-    small, and an optimizer updating bf16 numbers loses small steps to rounding (peft does the same). The
-    bypass runs in lora_A's dtype and the sum is cast back to the base output's dtype, so bf16 inputs work.
+    A subclass creates its trainable matrices (`new_matrix`) and says what they add to the weight
+    (`delta_weight`): LoRA's (α/r) B A below, AdaLoRA's P Λ Q in minilora.adalora. Merging then works the
+    same for both: W0 ← W0 + ΔW.
     """
 
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 init: str = "kaiming"):
+    def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float):
         super().__init__()
-        check_hyperparameters(r, lora_alpha, lora_dropout, init)
         check_base(base, r)
-        in_features, out_features = base.in_features, base.out_features
-
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / r
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = base.in_features
+        self.out_features = base.out_features
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-
-        device = _device_of(base)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
-        self.reset_lora_parameters(init)
         self.merged = False
+
+    def new_matrix(self, *shape: int) -> nn.Parameter:
+        """A trainable fp32 matrix on the base layer's device, whatever the base's dtype: the adapter is
+        small, and an optimizer updating bf16 numbers loses small steps to rounding (peft does the same)."""
+        return nn.Parameter(torch.zeros(*shape, device=_device_of(self.base), dtype=torch.float32))
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """W0 ← W0 + ΔW in place: afterwards forward is one plain matmul (zero extra latency)."""
+        if self.merged:
+            raise RuntimeError("merge(): this layer is already merged; call unmerge() first")
+        weight = self._float_base_weight("merge")
+        with torch.no_grad():
+            weight += self.delta_weight().to(weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W0 ← W0 − ΔW: back to separate base and bypass (exact up to float rounding)."""
+        if not self.merged:
+            raise RuntimeError("unmerge(): this layer is not merged")
+        weight = self._float_base_weight("unmerge")
+        with torch.no_grad():
+            weight -= self.delta_weight().to(weight.dtype)
+        self.merged = False
+
+    def _float_base_weight(self, what: str) -> torch.Tensor:
+        if not isinstance(self.base, nn.Linear):
+            raise TypeError(
+                f"{what}() needs an nn.Linear base with a float weight, but the base is a "
+                f"{type(self.base).__name__} (a quantized layer): W0 + ΔW cannot be written back into 4-bit "
+                f"codes without re-quantizing. Use merge_lora(model), which builds a new nn.Linear from "
+                f"dequantized_weight() + delta_weight().")
+        return self.base.weight
+
+
+class LoRALinear(LowRankLinear):
+    """h = base(x) + (α/r) · B A dropout(x), with `base` frozen and only A, B trainable (LoRA eq. 3).
+
+    `lora_A` is (r, in_features), `lora_B` is (out_features, r), `scaling` = lora_alpha / r.
+    The adapter matrices live in float32 on the base layer's device, whatever the base's dtype. The
+    bypass runs in lora_A's dtype and the sum is cast back to the base output's dtype, so bf16 inputs work.
+    """
+
+    def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 init: str = "kaiming"):
+        check_hyperparameters(r, lora_alpha, lora_dropout, init)
+        super().__init__(base, r, lora_alpha, lora_dropout)   # checks the base, freezes it
+        self.scaling = lora_alpha / r
+        self.lora_A = self.new_matrix(r, self.in_features)
+        self.lora_B = self.new_matrix(self.out_features, r)
+        self.reset_lora_parameters(init)
         self.train(base.training)   # a new module starts in training mode; follow the model it joins instead
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
@@ -136,8 +175,7 @@ class LoRALinear(nn.Module):
         a = sqrt(5)); "gaussian": A ~ N(0, σ²) with σ = 1/r (peft's "gaussian": standard deviation 1/r).
         A must not also be zero: with A = B = 0 both gradients vanish and nothing ever trains.
         """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got init={init!r}")
+        check_choice("init", init, INITS)
         with torch.no_grad():
             if init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -157,33 +195,6 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r) · B A, shape (out_features, in_features), in the adapter's dtype."""
         return (self.lora_B @ self.lora_A) * self.scaling
-
-    def merge(self) -> None:
-        """W0 ← W0 + ΔW in place: afterwards forward is one plain matmul (zero extra latency)."""
-        if self.merged:
-            raise RuntimeError("merge(): this LoRALinear is already merged; call unmerge() first")
-        weight = self._float_base_weight("merge")
-        with torch.no_grad():
-            weight += self.delta_weight().to(weight.dtype)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """W0 ← W0 − ΔW: back to separate base and bypass (exact up to float rounding)."""
-        if not self.merged:
-            raise RuntimeError("unmerge(): this LoRALinear is not merged")
-        weight = self._float_base_weight("unmerge")
-        with torch.no_grad():
-            weight -= self.delta_weight().to(weight.dtype)
-        self.merged = False
-
-    def _float_base_weight(self, what: str) -> torch.Tensor:
-        if not isinstance(self.base, nn.Linear):
-            raise TypeError(
-                f"{what}() needs an nn.Linear base with a float weight, but the base is a "
-                f"{type(self.base).__name__} (a quantized layer): W0 + ΔW cannot be written back into 4-bit "
-                f"codes without re-quantizing. Use merge_lora(model), which builds a new nn.Linear from "
-                f"dequantized_weight() + delta_weight().")
-        return self.base.weight
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -257,30 +268,41 @@ def _matches(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def find_target_modules(model: nn.Module, target_modules) -> list[str]:
-    """Full names of the modules `target_modules` selects, in model order (peft's matching rules).
-
-    Raises ValueError when nothing matches (listing some names that do exist) and TypeError when a matched
-    module is not a Linear layer (or already carries a LoRA bypass).
-    """
+def selected_modules(model: nn.Module, target_modules) -> list[str]:
+    """Full names of the modules `target_modules` selects, in model order (peft's matching rules); a bypass
+    layer counts as the Linear it wraps, and the modules inside it are never selected."""
     check_target_modules(target_modules)
+    adapters = [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    inside = tuple(f"{name}." for name in adapters)
+    names = [name for name, _ in model.named_modules() if name and not name.startswith(inside)]
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         head = output_head_name(model)
-        inside_adapter = {f"{prefix}.{sub}" for prefix, m in model.named_modules()
-                          if isinstance(m, LoRALinear) for sub, _ in m.named_modules() if sub}
-        names = [name for name, module in model.named_modules()
-                 if is_linear_like(module) and name != head and name not in inside_adapter]
-    else:
-        names = [name for name, _ in model.named_modules() if name and _matches(name, target_modules)]
-    if not names:
+        return [name for name in names if name != head
+                and (name in adapters or is_linear_like(model.get_submodule(name)))]
+    return [name for name in names if _matches(name, target_modules)]
+
+
+def find_target_modules(model: nn.Module, target_modules) -> list[str]:
+    """The modules a bypass goes into: `selected_modules`, each checked.
+
+    Raises ValueError when nothing matches, or when an entry of a list matches nothing (a typo such as
+    "v_prj" must not silently train only q_proj), listing some names that do exist; TypeError when a
+    matched module is not a Linear layer or already carries a bypass.
+    """
+    names = selected_modules(model, target_modules)
+    unmatched = [] if isinstance(target_modules, str) else \
+        [t for t in target_modules if not any(_matches(name, [t]) for name in names)]
+    if not names or unmatched:
         short_names = {n.rsplit(".", 1)[-1]: is_linear_like(m) for n, m in model.named_modules() if n}
         some = sorted(n for n, linear in short_names.items() if linear) or sorted(short_names)
-        raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
+        what = f"entries {unmatched} of target_modules={target_modules!r}" if names and unmatched else \
+            f"target_modules={target_modules!r}"
+        raise ValueError(f"{what} matched no module of {type(model).__name__}; "
                          f"Linear layers it does have are named e.g. {some[:10]}")
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
-            raise TypeError(f"module {name!r} already has a LoRA bypass (LoRALinear); "
+        if isinstance(module, LowRankLinear):
+            raise TypeError(f"module {name!r} already has a LoRA bypass ({type(module).__name__}); "
                             f"was add_lora called twice?")
         if not is_linear_like(module):
             raise TypeError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
@@ -311,53 +333,79 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap every target of `config` in a LoRALinear (in place) and freeze everything else; returns `model`.
 
-    Every target is checked before any is replaced, so a bad rank for one layer leaves the model untouched.
+    All new layers are built (and so checked) before any is put in, so a bad rank for one layer leaves the
+    model untouched.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a minilora.lora.LoraConfig, got {type(config).__name__}")
-    names = find_target_modules(model, config.target_modules)
-    for name in names:   # check every target before touching any
-        try:
-            check_base(model.get_submodule(name), config.r)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"module {name!r}: {err}") from err
-    for name in names:
-        layer = LoRALinear(model.get_submodule(name), r=config.r, lora_alpha=config.lora_alpha,
-                           lora_dropout=config.lora_dropout, init=config.init)
-        replace_module(model, name, layer)
-    mark_only_lora_trainable(model)
+    wrap_modules(model, find_target_modules(model, config.target_modules),
+                 lambda base: LoRALinear(base, r=config.r, lora_alpha=config.lora_alpha,
+                                         lora_dropout=config.lora_dropout, init=config.init))
     return model
 
 
+def wrap_modules(model: nn.Module, names: list[str], make) -> None:
+    """Put `make(module)` in place of every module in `names`, then train only the lora_ parameters.
+
+    Every new layer is built (and so checked) before any goes in, and a layer that fails undoes the freezing
+    its predecessors did, so an error leaves the model exactly as it was.
+    """
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    new_layers = {}
+    for name in names:
+        try:
+            new_layers[name] = make(model.get_submodule(name))
+        except (ValueError, TypeError) as err:
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+            raise type(err)(f"module {name!r}: {err}") from err
+    for name, layer in new_layers.items():
+        replace_module(model, name, layer)
+    mark_only_lora_trainable(model)
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """{full name: LoRALinear} for every bypass in the model."""
+    """{full name: LoRALinear} for every LoRA bypass in the model (AdaLoRA's SVDLinear layers are not)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Fold every bypass into its weight and put a plain nn.Linear back (peft's merge_and_unload).
+def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold every bypass (LoRA or AdaLoRA) into its weight and put a plain nn.Linear back (peft's
+    merge_and_unload).
 
     For an nn.Linear base: W0 += ΔW and the base itself goes back. For a quantized (protocol) base: a new
-    nn.Linear in `dtype` holding dequantized_weight + ΔW, with a warning, since the merged weight inherits the
-    4-bit rounding of W0 (and is no longer 4-bit: it takes 16 bits per weight again).
+    nn.Linear in `dtype` holding dequantized_weight + ΔW. Its default is the dtype of the model's input
+    embeddings, the dtype the hidden states arrive in, so the merged model takes the inputs it took before
+    (a Linear4bit casts its input itself; a plain Linear does not). One warning says that the merged weights
+    inherit the 4-bit rounding of W0 (and take 16 or 32 bits per weight again).
     """
-    layers = lora_layers(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     if not layers:
-        raise ValueError(f"merge_lora: {type(model).__name__} has no LoRALinear layers to merge")
+        raise ValueError(f"merge_lora: {type(model).__name__} has no LoRA or AdaLoRA layers to merge")
+    dtype = dtype or _hidden_dtype(model)
+    quantized = [name for name, layer in layers.items() if not isinstance(layer.base, nn.Linear)]
+    if quantized:
+        warnings.warn(f"merge_lora: {len(quantized)} layer(s) have a quantized base "
+                      f"({type(layers[quantized[0]].base).__name__}); their merged {dtype} weights are "
+                      f"dequantize(W0) + ΔW and keep W0's 4-bit rounding error", UserWarning, stacklevel=2)
     for name, layer in layers.items():
         if isinstance(layer.base, nn.Linear):
             if not layer.merged:
                 layer.merge()
             replace_module(model, name, layer.base)
         else:
-            replace_module(model, name, _merged_linear_from_quantized(name, layer, dtype))
+            replace_module(model, name, _merged_linear_from_quantized(layer, dtype))
     return model
 
 
-def _merged_linear_from_quantized(name: str, layer: LoRALinear, dtype: torch.dtype) -> nn.Linear:
-    warnings.warn(f"merge_lora: {name!r} has a quantized base ({type(layer.base).__name__}); the merged "
-                  f"{dtype} weight is dequantize(W0) + ΔW and keeps W0's 4-bit rounding error",
-                  UserWarning, stacklevel=3)
+def _hidden_dtype(model: nn.Module) -> torch.dtype:
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+
+def _merged_linear_from_quantized(layer: LowRankLinear, dtype: torch.dtype) -> nn.Linear:
     base = layer.base
     with torch.no_grad():
         weight = base.dequantized_weight(torch.float32) + layer.delta_weight().float()

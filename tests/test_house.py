@@ -13,13 +13,17 @@ PACKAGE = Path(minilora.__file__).resolve().parent
 FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
-    "lora": 1, "nf4": 1, "paged": 1, "memory": 1, "data": 1,
-    "checkpoints": 1,
+    "checks": 0,  # the shared checks of public arguments
+    "lora": 1, "nf4": 1, "paged": 1, "memory": 1,
+    "loop": 1,  # the one training step, sampler, evaluator and data class
     "adalora": 2, "double_quant": 2, "plots": 2,
-    "instructions": 2,
+    "data": 2,  # the running example (its finetune is a loop of loop.train_step)
+    "options": 2,  # every option of a run
     "qlora": 3, "adapters": 3,
+    "instructions": 3,
     "distributed": 3,
-    "train": 4, "__main__": 5,
+    "checkpoints": 4,  # the run folder and checkpoints (they hold peft-format adapters)
+    "train": 5, "__main__": 6,
 }
 
 
