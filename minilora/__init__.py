@@ -7,19 +7,22 @@ The package is a house with floors; each module imports only from the floors bel
               checks      the shared checks of public arguments (an integer, a number in a range, a choice)
     floor 1   lora        the LoRA bypass h = W0 x + (α/r) B A x, injection, merging       (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
-              paged       a paged AdamW: optimizer state in pages, LRU pool, write-back    (chapter 5)
+              page_pool   which page leaves a full pool (LRU), paging counters            (chapter 5)
               memory      the memory model of a fine-tuning run                             (chapter 7)
               loop        the one training step, sampler, evaluator and data class         (chapter 6)
-    floor 2   adalora     SVD-form updates P Λ Q, importance scores, the budget schedule   (chapter 2)
+    floor 2   svd_adapter AdaLoRA's layer P Λ Q, its config, the orthogonality penalty     (chapter 2)
+              paged       a paged AdamW: optimizer state in pages, write-back, prefetch     (chapter 5)
               double_quant   quantizing the quantization constants                       (chapter 4)
               plots       the charts the chapters share
               data        the running example: a tiny Llama and a new skill to teach it
               options     every option of a training run, its default, help and check; recipes
-    floor 3   qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
+    floor 3   adalora     importance scores, the budget schedule, RankAllocator            (chapter 2)
+              qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
               adapters    adapter files in peft's format, for LoRA and AdaLoRA
               instructions  JSONL instruction data → token tensors
               distributed the loop under torchrun: DDP, FSDP over the adapter only           (chapter 7)
     floor 4   checkpoints the run folder, checkpoints, metrics file and loss plot
+              build       the pieces of a run from its options: model, method, data, optimizer, schedule
     floor 5   train       a training run and its command line                              (chapter 6)
     floor 6   __main__    `python -m minilora demo`, the guided tour
 

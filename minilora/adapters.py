@@ -37,9 +37,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minilora.adalora import AdaLoraConfig, add_adalora, svd_layers
 from minilora.files import write_atomically
 from minilora.lora import LoraConfig, add_lora, find_target_modules, lora_layers, selected_modules
+from minilora.svd_adapter import AdaLoraConfig, add_adalora, svd_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

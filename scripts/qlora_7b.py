@@ -50,19 +50,19 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(ROOT))
 
 from minilora import memory  # noqa: E402
-from minilora.data import tiny_llama_config  # noqa: E402
-from minilora.instructions import CharTokenizer, HFTokenizer, read_jsonl, tokenize_records  # noqa: E402
-from minilora.loop import Batches, Job, TokenData, train_step  # noqa: E402
-from minilora.lora import add_lora, count_parameters  # noqa: E402
-from minilora.options import TrainConfig, make_config  # noqa: E402
-from minilora.qlora import prepare_for_kbit_training, quantize_model  # noqa: E402
-from minilora.train import (  # noqa: E402
+from minilora.build import (  # noqa: E402
     adapter_config,
     build_optimizer,
     build_scheduler,
     resolve_compute_dtype,
     resolve_device,
 )
+from minilora.data import tiny_llama_config  # noqa: E402
+from minilora.instructions import CharTokenizer, HFTokenizer, read_jsonl, tokenize_records  # noqa: E402
+from minilora.loop import Batches, Job, TokenData, train_step  # noqa: E402
+from minilora.lora import add_lora, count_parameters  # noqa: E402
+from minilora.options import TrainConfig, make_config  # noqa: E402
+from minilora.qlora import prepare_for_kbit_training, quantize_model  # noqa: E402
 
 STACKS = ("minilora", "peft", "both")
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), NVIDIA datasheets; first matching name wins.

@@ -14,15 +14,18 @@ FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
     "checks": 0,  # the shared checks of public arguments
-    "lora": 1, "nf4": 1, "paged": 1, "memory": 1,
+    "lora": 1, "nf4": 1, "memory": 1,
+    "page_pool": 1,  # the paged optimizer's pool bookkeeping (LRU) and counters
     "loop": 1,  # the one training step, sampler, evaluator and data class
-    "adalora": 2, "double_quant": 2, "plots": 2,
+    "svd_adapter": 2,  # AdaLoRA's layer, config and penalty (the allocator is adalora's)
+    "paged": 2, "double_quant": 2, "plots": 2,
     "data": 2,  # the running example (its finetune is a loop of loop.train_step)
     "options": 2,  # every option of a run
-    "qlora": 3, "adapters": 3,
+    "adalora": 3, "qlora": 3, "adapters": 3,
     "instructions": 3,
     "distributed": 3,
     "checkpoints": 4,  # the run folder and checkpoints (they hold peft-format adapters)
+    "build": 4,  # the pieces of a run, built from its options
     "train": 5, "__main__": 6,
 }
 

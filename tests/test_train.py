@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from minilora.build import lr_factor
 from minilora.checkpoints import read_metrics
 from minilora.options import HELP, RECIPES, TrainConfig
 from minilora.qlora import Linear4bit
-from minilora.train import build_parser, lr_factor, main, make_config, parse_args, train
+from minilora.train import build_parser, main, make_config, parse_args, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
