@@ -5,12 +5,13 @@ The package is a house with floors; each module imports only from the floors bel
     floor 0   files       atomic file writes (temporary name, then rename)
               machine     where a number was measured (CPU capability, threads, versions); quiet log lines
               checks      the shared checks of public arguments (an integer, a number in a range, a choice)
-    floor 1   lora        the LoRA bypass h = W0 x + (α/r) B A x, injection, merging       (chapter 1)
+    floor 1   bypass      what LoRA and AdaLoRA layers share, target matching, merging     (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
               page_pool   which page leaves a full pool (LRU), paging counters            (chapter 5)
               memory      the memory model of a fine-tuning run                             (chapter 7)
               loop        the one training step, sampler, evaluator and data class         (chapter 6)
-    floor 2   svd_adapter AdaLoRA's layer P Λ Q, its config, the orthogonality penalty     (chapter 2)
+    floor 2   lora        the LoRA bypass h = W0 x + (α/r) B A x, add_lora, counts         (chapter 1)
+              svd_adapter AdaLoRA's layer P Λ Q, its config, the orthogonality penalty     (chapter 2)
               paged       a paged AdamW: optimizer state in pages, write-back, prefetch     (chapter 5)
               double_quant   quantizing the quantization constants                       (chapter 4)
               plots       the charts the chapters share

@@ -154,17 +154,23 @@ def lora_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Te
     return tensors, config_json
 
 
-def lora_config_from_json(config_json: dict, config_file: Path) -> LoraConfig:
-    """A LoraConfig from adapter_config.json, refusing settings that would change the forward pass."""
-    for key in ("r", "lora_alpha", "target_modules"):
+def check_plain(config_json: dict, config_file: Path, required: tuple, kind: str, own: tuple = ()) -> None:
+    """The required fields are there, and every setting that would change the forward pass is plain
+    (`own`: settings the adapter type reads itself)."""
+    for key in required:
         if key not in config_json:
             raise ValueError(f"{config_file}: required field {key!r} is missing")
     plain_settings = {**LORA_PLAIN_SETTINGS, **{key: None for key in LORA_MUST_BE_EMPTY}}
     for key, plain in plain_settings.items():
         value = config_json.get(key, plain)
-        if value != plain and not (not value and not plain):   # None, False, {} and [] all mean "off"
+        if key not in own and value != plain and not (not value and not plain):  # None, False, {}, [] = off
             raise ValueError(f"{config_file}: {key}={value!r} is not supported by minilora "
-                             f"(plain LoRA needs {plain!r})")
+                             f"(plain {kind} needs {plain!r})")
+
+
+def lora_config_from_json(config_json: dict, config_file: Path) -> LoraConfig:
+    """A LoraConfig from adapter_config.json, refusing settings that would change the forward pass."""
+    check_plain(config_json, config_file, ("r", "lora_alpha", "target_modules"), "LoRA")
     init = config_json.get("init_lora_weights", True)
     targets = config_json["target_modules"]
     try:
@@ -264,16 +270,8 @@ def adalora_state(model: nn.Module, config: AdaLoraConfig) -> tuple[dict[str, to
 
 def adalora_config_from_json(config_json: dict, config_file: Path) -> tuple[AdaLoraConfig, dict | None]:
     """(AdaLoraConfig, rank_pattern or None) from adapter_config.json; refuses what we do not implement."""
-    for key in ("init_r", "lora_alpha", "target_modules", "total_step"):
-        if key not in config_json:
-            raise ValueError(f"{config_file}: required field {key!r} is missing")
-    plain_settings = {**LORA_PLAIN_SETTINGS, **{key: None for key in LORA_MUST_BE_EMPTY}}
-    del plain_settings["rank_pattern"]   # AdaLoRA's own, read below
-    for key, plain in plain_settings.items():
-        value = config_json.get(key, plain)
-        if value != plain and not (not value and not plain):   # None, False, {} and [] all mean "off"
-            raise ValueError(f"{config_file}: {key}={value!r} is not supported by minilora "
-                             f"(plain AdaLoRA needs {plain!r})")
+    check_plain(config_json, config_file, ("init_r", "lora_alpha", "target_modules", "total_step"), "AdaLoRA",
+                own=("rank_pattern",))   # AdaLoRA's own rank_pattern is read below
     targets = config_json["target_modules"]
     schedule = {key: config_json[key] for key in ADALORA_SCHEDULE_FIELDS if key in config_json}
     try:

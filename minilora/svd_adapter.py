@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minilora.checks import check_int, check_number
-from minilora.lora import (
+from minilora.bypass import (
     LowRankLinear,
-    check_hyperparameters,
+    check_bypass_options,
     check_target_modules,
     find_target_modules,
     wrap_modules,
 )
+from minilora.checks import check_int, check_number
 
 INIT_STD = 0.02  # A and B start as N(0, 0.02²) noise, E at zero (peft's and the paper's code)
 
@@ -42,12 +42,12 @@ class SVDLinear(LowRankLinear):
 
     `rank_mask` (bool, one per triplet) is the allocator's latest verdict: False means that triplet's Λ was
     zeroed at the last masking step. Merging (`merge`, `unmerge`, `minilora.lora.merge_lora`) comes from
-    minilora.lora.LowRankLinear and works through `delta_weight`. It is not a LoRALinear: a LoRA adapter file
+    minilora.bypass.LowRankLinear and works through `delta_weight`. It is not a LoRALinear: a LoRA adapter file
     or `lora_layers()` never mistakes it for one.
     """
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0):
-        check_hyperparameters(r, lora_alpha, lora_dropout, init="kaiming")
+        check_bypass_options(r, lora_alpha, lora_dropout)
         super().__init__(base, r, lora_alpha, lora_dropout)   # checks the base, freezes it
         self.scaling = lora_alpha
         self.lora_A = self.new_matrix(r, self.in_features)
@@ -145,7 +145,7 @@ class AdaLoraConfig:
         check_int("target_r", self.target_r, 1)
         check_int("deltaT", self.deltaT, 1)
         # lora_alpha and lora_dropout follow LoRA's rules.
-        check_hyperparameters(self.init_r, self.lora_alpha, self.lora_dropout, init="kaiming")
+        check_bypass_options(self.init_r, self.lora_alpha, self.lora_dropout)
         if self.target_r > self.init_r:
             raise ValueError(f"target_r must be <= init_r (the budget only shrinks), got "
                              f"target_r={self.target_r} > init_r={self.init_r}")

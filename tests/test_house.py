@@ -14,9 +14,11 @@ FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
     "checks": 0,  # the shared checks of public arguments
-    "lora": 1, "nf4": 1, "memory": 1,
+    "bypass": 1,  # what LoRA and AdaLoRA layers share; which layers get one; merging
+    "nf4": 1, "memory": 1,
     "page_pool": 1,  # the paged optimizer's pool bookkeeping (LRU) and counters
     "loop": 1,  # the one training step, sampler, evaluator and data class
+    "lora": 2,
     "svd_adapter": 2,  # AdaLoRA's layer, config and penalty (the allocator is adalora's)
     "paged": 2, "double_quant": 2, "plots": 2,
     "data": 2,  # the running example (its finetune is a loop of loop.train_step)
