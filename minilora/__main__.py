@@ -322,6 +322,7 @@ def demo(out: Path) -> Path:
 
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar: noise in a log
     out.mkdir(parents=True, exist_ok=True)
     where = describe_line()
     print(f"running on: {where}", flush=True)
