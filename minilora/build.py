@@ -21,7 +21,7 @@ from minilora.instructions import CharTokenizer, HFTokenizer, read_jsonl, tokeni
 from minilora.loop import TokenData
 from minilora.lora import LoraConfig, add_lora
 from minilora.memory import PRESETS
-from minilora.options import RUNNING_EXAMPLE, TrainConfig
+from minilora.options import RECIPES, RUNNING_EXAMPLE, TrainConfig
 from minilora.paged import PagedAdamW
 from minilora.qlora import enable_gradient_checkpointing, prepare_for_kbit_training, quantize_model
 
@@ -116,10 +116,14 @@ def apply_method(model: nn.Module, config: TrainConfig, compute_dtype: torch.dty
                        quant_type=config.quant_type, compute_dtype=compute_dtype)
     # Adapters: freeze the base, norms in fp32, checkpointing that still reaches the adapter weights.
     prepare_for_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
-    if isinstance(adapter, AdaLoraConfig):
-        return adapter, RankAllocator(add_adalora(model, adapter), adapter)
-    add_lora(model, adapter)
-    return adapter, None
+    try:
+        if isinstance(adapter, AdaLoraConfig):
+            return adapter, RankAllocator(add_adalora(model, adapter), adapter)
+        add_lora(model, adapter)
+        return adapter, None
+    except ValueError as err:
+        recipe = f" (--recipe {config.recipe} chose r={config.r}; give --r, or a larger --model)"
+        raise ValueError(f"--model {config.model}: {err}{recipe if 'r' in RECIPES[config.recipe] else ''}") from err
 
 
 def load_data(config: TrainConfig, tokenizer) -> tuple[TokenData, TokenData | None]:

@@ -254,3 +254,9 @@ def test_threads_are_chosen_and_an_option(tmp_path):
     assert make_config(recipe="qlora-7b").threads == 0  # a real model: torch's default
     with pytest.raises(ValueError, match="--threads must be an integer >= 0"):
         make_config(threads=-1)
+
+
+def test_the_7b_recipe_on_the_tiny_model_says_what_to_change(tmp_path):
+    with pytest.raises(ValueError, match=r"r=64 is larger than .*--recipe qlora-7b chose r=64; give --r"):
+        train(recipe="qlora-7b", output_dir=str(tmp_path / "run"), max_steps=1, progress=False)
+    assert not (tmp_path / "run").exists()
