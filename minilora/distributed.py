@@ -1,11 +1,12 @@
 """Beyond one GPU: the training loop under `torchrun`, with PyTorch's own DDP or FSDP.
 
-    torchrun --nproc_per_node 4 -m minilora.train --model <folder> --method qlora --distributed ddp ...
+    torchrun --nproc_per_node 4 -m minilora.train --recipe qlora-7b --model <folder> --distributed ddp ...
 
 `torchrun` starts one process per GPU and gives each its RANK, LOCAL_RANK and WORLD_SIZE in the environment.
 Every process builds the same model from the same seed, reads the same data order, and does its share of
-each optimizer step. `Distributed` is everything the loop in `minilora.train` needs to know about that; in a
-single process every method is a no-op, so the loop reads the same with or without it.
+each optimizer step. `Distributed` is everything the step (`minilora.loop.train_step`, through the methods of
+`minilora.loop.Job`) and the run (`minilora.train`) need to know about that; in a single process every
+method is the plain PyTorch call, so the loop reads the same with or without it.
 
 Who does what in one optimizer step (W processes, grad_accum = G micro-batches per step, G divisible by W):
 

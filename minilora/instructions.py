@@ -4,7 +4,7 @@ with the loss on the response only, served as shuffled micro-batches that can re
     read_jsonl (errors name the file and the line) → a tokenizer (CharTokenizer for the running example,
     HFTokenizer for a Hugging Face model) → tokenize_records → minilora.loop.TokenData (→ loop.Batches)
 
-minilora.train reads its `--data` through these (`load_data`); scripts/qlora_7b.py uses them directly.
+minilora.build reads `--data` and `--eval-data` through these (`load_data`); scripts/qlora_7b.py uses them directly.
 """
 
 from __future__ import annotations
