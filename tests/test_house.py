@@ -17,6 +17,7 @@ FLOORS = {
     "checkpoints": 1,
     "adalora": 2, "double_quant": 2, "plots": 2,
     "instructions": 2,
+    "family": 2,  # LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+
     "qlora": 3, "adapters": 3,
     "distributed": 3,
     "train": 4, "__main__": 5,
