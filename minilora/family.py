@@ -45,9 +45,9 @@ from minilora.lora import (
 def rslora_scaling(lora_alpha: float, r: int) -> float:
     """γ_r = α / √r, the scale that keeps a LoRA layer's learning stable as r grows (rsLoRA, Theorem 3.2).
 
-    With γ_r = α / r, the update γ_r · B A x of a trained adapter shrinks like 1/√r as the rank grows (its r
-    terms add up like a random walk), so a larger r learns *slower* at the same learning rate and the extra
-    rank is wasted. Dividing by √r instead keeps the update's size independent of r.
+    The paper shows that the adapter's outputs and their gradients keep the same order of magnitude as r grows
+    only if γ_r ∝ 1/√r. With α / r they shrink as r grows ("gradient collapse"): at one learning rate a larger
+    rank learns slower, and its extra capacity goes unused. With α / √r a larger rank can actually help.
     """
     check_hyperparameters(r, lora_alpha, 0.0, "kaiming")
     return lora_alpha / math.sqrt(r)
@@ -211,23 +211,26 @@ def uses_rslora(layer: LoRALinear) -> bool:
                      f"α={layer.lora_alpha}, r={layer.r}; peft's config cannot express it")
 
 
-def save_dora(model: nn.Module, folder: str | os.PathLike, config: LoraConfig,
-              task_type: str = "CAUSAL_LM") -> Path:
-    """Write the DoRA adapter of `model` as peft does: adapter_model.safetensors + adapter_config.json."""
+def save_dora(model: nn.Module, folder: str | os.PathLike, task_type: str = "CAUSAL_LM") -> Path:
+    """Write the DoRA adapter of `model` as peft does: adapter_model.safetensors + adapter_config.json.
+
+    The settings come from the layers themselves, which must all share them (peft's rank_pattern is not
+    supported here); target_modules lists the adapted modules by full name, so peft and `load_dora` put the
+    layers back exactly where they were.
+    """
     layers = dora_layers(model)
     if not layers or len(layers) != len(lora_layers(model)):
         raise ValueError("save_dora: every LoRA layer of the model must be a DoRALinear (call add_dora)")
-    rslora = {uses_rslora(layer) for layer in layers.values()}
-    for name, layer in layers.items():
-        if (layer.r, layer.lora_alpha, layer.merged) != (config.r, config.lora_alpha, False):
-            raise ValueError(f"save_dora: layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
-                             f"merged={layer.merged}; config says r={config.r}, lora_alpha={config.lora_alpha}")
+    settings = {(layer.r, layer.lora_alpha, getattr(layer.lora_dropout, "p", 0.0), uses_rslora(layer),
+                 layer.merged) for layer in layers.values()}
+    if len(settings) != 1 or next(iter(settings))[4]:
+        raise ValueError(f"save_dora: the DoRA layers must be unmerged and share r, lora_alpha, lora_dropout "
+                         f"and the scale; found (r, lora_alpha, lora_dropout, rslora, merged) = {settings}")
+    r, lora_alpha, lora_dropout, rslora, _ = settings.pop()
     tensors = {f"{PREFIX}{name}.{key}": tensor.detach().cpu().contiguous()
                for name, layer in layers.items() for key, tensor in dora_tensors(layer).items()}
-    targets = config.target_modules
-    config_json = {"peft_type": "LORA", "use_dora": True, "use_rslora": rslora == {True}, "r": config.r,
-                   "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout, "bias": "none",
-                   "target_modules": targets if isinstance(targets, str) else sorted(targets),
+    config_json = {"peft_type": "LORA", "use_dora": True, "use_rslora": rslora, "r": r, "lora_alpha": lora_alpha,
+                   "lora_dropout": lora_dropout, "target_modules": sorted(layers), "bias": "none",
                    "init_lora_weights": True, "task_type": task_type, "inference_mode": True}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

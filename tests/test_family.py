@@ -198,10 +198,20 @@ def test_peft_dora_adapter_loads_into_ours(tiny_llama, token_ids, tmp_path, rslo
 
 def test_our_dora_adapter_loads_into_peft(tiny_llama, token_ids, tmp_path):
     ours, _ = paired(tiny_llama, dora=True, rslora=True)
-    save_dora(ours, tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    save_dora(ours, tmp_path)
     pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert pm.peft_config["default"].use_dora and pm.peft_config["default"].use_rslora
     assert torch.allclose(logits(pm, token_ids), logits(ours, token_ids), atol=1e-5, rtol=0)
+    assert torch.allclose(logits(load_dora(tiny_llama(), tmp_path), token_ids), logits(ours, token_ids),
+                          atol=1e-5, rtol=0)   # and back into ours
+
+
+def test_save_dora_refuses_mixed_scales(tiny_llama, tmp_path):
+    ours, _ = paired(tiny_llama, dora=True)
+    ours.model.layers[0].self_attn.q_proj.scaling = rslora_scaling(8, 4)   # one layer α/√r, the rest α/r
+    with pytest.raises(ValueError, match="share r"):
+        save_dora(ours, tmp_path)
+    assert not any(tmp_path.iterdir())          # no half-written adapter
 
 
 def test_load_dora_refuses_a_file_that_does_not_fit(tiny_llama, tmp_path):
