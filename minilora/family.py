@@ -266,9 +266,10 @@ def load_dora(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             shapes[f"{PREFIX}{name}.{key}"] = shape
     missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
     wrong = sorted(k for k in shapes if k in tensors and tuple(tensors[k].shape) != shapes[k])
-    if missing or unexpected or wrong:   # peft would warn or drop them; a silent no-op adapter is worse
-        raise ValueError(f"{folder}: the file does not fit the model's DoRA layers: missing keys "
-                         f"{missing[:3]}, unexpected keys {unexpected[:3]}, wrong shapes {wrong[:3]}")
+    problems = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": wrong}
+    problems = [f"{what} {keys[:3]}" for what, keys in problems.items() if keys]
+    if problems:   # peft would only warn, or drop keys: an adapter that silently does nothing
+        raise ValueError(f"{folder}: the file does not fit the model's DoRA layers: {'; '.join(problems)}")
     add_dora(model, config)
     if config_json.get("use_rslora"):
         apply_rslora(model)

@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 from peft.optimizers import create_loraplus_optimizer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minilora.family import (
@@ -214,12 +215,27 @@ def test_save_dora_refuses_mixed_scales(tiny_llama, tmp_path):
     assert not any(tmp_path.iterdir())          # no half-written adapter
 
 
-def test_load_dora_refuses_a_file_that_does_not_fit(tiny_llama, tmp_path):
+@pytest.mark.parametrize("damage, message", [("drop", "missing keys"), ("reshape", "wrong shapes"),
+                                             ("rename", "unexpected keys")])
+def test_load_dora_refuses_a_file_that_does_not_fit(tiny_llama, tmp_path, damage, message):
     _, pm = paired(tiny_llama, dora=True)
     pm.save_pretrained(tmp_path)
-    model = tiny_llama(hidden_size=48)            # other shapes: every key has the wrong shape
-    with pytest.raises(ValueError, match="wrong shapes"):
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if k.endswith("lora_magnitude_vector"))[0]
+    if damage == "reshape":
+        tensors[key] = tensors[key][:-1]
+    elif damage == "rename":     # a wrong prefix: peft would drop the key and load an adapter that does nothing
+        tensors[key.replace("base_model.model.", "base_model.")] = tensors[key]
+    if damage != "reshape":
+        del tensors[key]
+    save_file(tensors, weights)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=message) as error:
         load_dora(model, tmp_path)
+    assert key.removeprefix("base_model.model.") in str(error.value)
+    if damage != "rename":
+        assert "unexpected" not in str(error.value)
     assert not lora_layers(model)                 # nothing half-done
 
 
