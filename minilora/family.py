@@ -77,11 +77,15 @@ def apply_rslora(model: nn.Module) -> nn.Module:
 class DoRALinear(LoRALinear):
     """h = m ⊙ (W0 + s B A) x / ‖W0 + s B A‖ + b, the norm taken per output row (DoRA eq. 5).
 
+    (The paper's ‖·‖_c is a norm per column because it writes W as (d_in, d_out); with PyTorch's (out, in)
+    weights, those columns are our rows: one length per output feature.)
+
     DoRA splits each row of the weight into a length and a direction, the way weight normalisation does:
     `lora_magnitude_vector` m (out_features,) holds the lengths and trains freely; the direction is the LoRA
     weight W0 + s B A divided by its row norms. At the start m = ‖W0‖ per row and B = 0, so the layer computes
     exactly W0 x + b. Fine-tuning can then change a row's length without turning it, or turn it without
-    stretching it, which plain LoRA couples (the paper's Sec. 3 analysis).
+    stretching it; the paper's Sec. 3 finds that full fine-tuning does this and plain LoRA, whose length and
+    direction changes move together, cannot.
 
     Two conventions follow the paper and peft:
       - the norm ‖W0 + s B A‖ is treated as a constant in the backward pass (Sec. 4.3): no gradient flows
@@ -147,8 +151,10 @@ class DoRALinear(LoRALinear):
         self.merged_norm, self.merged = None, False
 
     def _linear_weight(self, what: str) -> torch.Tensor:
-        if self.merged != (what == "unmerge"):
-            raise RuntimeError(f"{what}(): this DoRALinear is {'not ' if what == 'unmerge' else ''}merged")
+        if what == "merge" and self.merged:
+            raise RuntimeError("merge(): this DoRALinear is already merged; call unmerge() first")
+        if what == "unmerge" and not self.merged:
+            raise RuntimeError("unmerge(): this DoRALinear is not merged")
         if not isinstance(self.base, nn.Linear):
             raise TypeError(f"{what}() needs an nn.Linear base; this one is a {type(self.base).__name__} "
                             f"(4-bit codes cannot hold W'). Use minilora.lora.merge_lora(model), which "

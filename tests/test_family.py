@@ -173,6 +173,8 @@ def test_dora_merge_equals_peft_merge_and_unload(tiny_llama, token_ids):
     before = logits(ours, token_ids)
     layer = ours.model.layers[1].self_attn.v_proj
     w0 = layer.base.weight.clone()
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
     layer.merge()
     layer.unmerge()                               # the kept norm undoes the merge
     assert torch.allclose(layer.base.weight, w0, atol=1e-6, rtol=0)
