@@ -27,6 +27,7 @@ FLOORS = {
     "data": 2,  # the running example (its finetune is a loop of loop.train_step)
     "options": 2,  # every option of a run
     "adalora": 3, "qlora": 3, "adapters": 3,
+    "family": 3,  # LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+ (on lora)
     "instructions": 3,
     "distributed": 3,
     "memory": 3,  # the estimate: weights, adapters, gradients, optimizer state, scores, activations
