@@ -29,6 +29,7 @@ init_r}, so the loader knows which of the init_r triplets each stored row is.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -124,6 +125,18 @@ LORA_MUST_BE_EMPTY = ("target_parameters", "layer_replication", "trainable_token
                       "monteclora_config", "velora_config")
 
 
+def check_plain_lora_layer(name: str, layer) -> None:
+    """Refuse what a plain LoRA file cannot say: peft would read it back as another model (chapter 1, LoRA's
+    family: DoRA layers go to `minilora.family.save_dora`)."""
+    if hasattr(layer, "lora_magnitude_vector"):
+        raise ValueError(f"save_adapter: layer {name!r} is a DoRA layer; a plain LoRA file would drop its "
+                         f"magnitudes: save it with minilora.family.save_dora")
+    if not math.isclose(layer.scaling, layer.lora_alpha / layer.r):
+        raise ValueError(f"save_adapter: layer {name!r} has scaling={layer.scaling}, not lora_alpha / r = "
+                         f"{layer.lora_alpha / layer.r} (rsLoRA, or set by hand); a plain LoRA file says α/r, "
+                         f"so peft would load another model (rsLoRA files: minilora.family.save_dora, with DoRA)")
+
+
 def lora_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors with peft's key names, config dict for adapter_config.json) of every LoRALinear in `model`."""
     layers = lora_layers(model)
@@ -136,6 +149,7 @@ def lora_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Te
         if layer.r != config.r or layer.lora_alpha != config.lora_alpha:
             raise ValueError(f"save_adapter: layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
                              f"but config says r={config.r}, lora_alpha={config.lora_alpha}")
+        check_plain_lora_layer(name, layer)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to("cpu").contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to("cpu").contiguous()
     targets = config.target_modules

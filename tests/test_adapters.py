@@ -262,3 +262,15 @@ def test_config_that_does_not_describe_the_layers_is_refused(tiny_llama, tmp_pat
     with pytest.raises(ValueError, match="does not select"):
         save_adapter(model, tmp_path, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_save_adapter_refuses_what_a_plain_lora_file_cannot_say(tiny_llama, tmp_path):
+    """DoRA's magnitudes and rsLoRA's α/√r are not in a plain LoRA file: peft would load another model."""
+    from minilora.family import add_dora, apply_rslora
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
+    with pytest.raises(ValueError, match="DoRA layer"):
+        save_adapter(add_dora(tiny_llama(seed=0), config), tmp_path / "dora", config)
+    with pytest.raises(ValueError, match="rsLoRA"):
+        save_adapter(apply_rslora(add_lora(tiny_llama(seed=0), config)), tmp_path / "rslora", config)
+    assert not (tmp_path / "dora").exists() and not (tmp_path / "rslora").exists()

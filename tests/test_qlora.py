@@ -341,7 +341,7 @@ def test_merge_lora_on_4bit_base_uses_dequantized_weight(tiny_llama, token_ids):
     q_proj = model.model.layers[0].self_attn.q_proj
     expected = (q_proj.base.dequantized_weight(torch.float32) + q_proj.delta_weight()).to(torch.bfloat16)
     with pytest.warns(UserWarning, match="4-bit rounding"):
-        merge_lora(model)
+        merge_lora(model, dtype=torch.bfloat16)
     merged = model.model.layers[0].self_attn.q_proj
     assert type(merged) is nn.Linear and merged.weight.dtype == torch.bfloat16
     assert torch.equal(merged.weight, expected)
