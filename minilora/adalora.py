@@ -27,7 +27,7 @@ which strings them together once per training step:
 
 Everything mirrors peft 0.21's AdaLoRA number for number (tests/test_adalora.py trains both side by side and
 compares loss, budget and rank pattern at every step). Where peft crashes or stays silent, we raise a readable
-error or warn instead (config validation; a forgotten `update_and_allocate`, peft issue #1801).
+error or warn instead (config validation; a forgotten `update_and_allocate`, peft issue #432).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class RankAllocator:
     """Keeps the importance scores and masks Λ to the scheduled budget; call `update_and_allocate(step)`
     once per optimizer step, after `optimizer.step()` and before `optimizer.zero_grad()`.
 
-    Forgetting that call is a silent failure in peft (issue #1801: the ranks simply never change). Here a
+    Forgetting that call is a silent failure in peft (peft issue #432: the ranks simply never change). Here a
     forward hook on the first SVDLinear watches for it: if a training forward runs while the adapter
     weights have changed since the last `update_and_allocate` (an optimizer step happened without one),
     it warns. `update_and_allocate` also warns when the step number does not advance by exactly one.
@@ -317,5 +317,5 @@ class RankAllocator:
             self._warned = True
             warnings.warn("AdaLoRA: the adapter weights changed since the last allocator.update_and_allocate"
                           "(step) call. Call it after every optimizer.step() and before zero_grad(); without "
-                          "it the ranks never change and the run is plain LoRA (peft issue #1801).",
+                          "it the ranks never change and the run is plain LoRA (peft issue #432).",
                           UserWarning, stacklevel=2)

@@ -181,10 +181,10 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig) -> nn.Module:
 
 
 def orthogonal_penalty(model: nn.Module) -> torch.Tensor:
-    """R = mean over all P's and Q's of ||Q Qᵀ − I||_F and ||Pᵀ P − I||_F (the paper's R(P, Q)).
+    """R = mean over all P's and Q's of ||Q Qᵀ − I||_F and ||Pᵀ P − I||_F.
 
-    Plain Frobenius norms, not squared, averaged over 2 × (number of SVDLinear layers) terms, as the
-    reference code does. The training loss is task_loss + orth_reg_weight · R. Near R = 0 the rows of Q and
+    The paper's R(P, Q) (AdaLoRA, Eq. 4) squares these norms; the authors' code and peft use them plain,
+    averaged over 2 × (number of SVDLinear layers) terms, and so do we (chapter 2 shows both). The training loss is task_loss + orth_reg_weight · R. Near R = 0 the rows of Q and
     the columns of P are orthonormal, so P Λ Q behaves like an SVD and |Λ_i| measures triplet i's size.
     """
     layers = svd_layers(model)
