@@ -4,8 +4,9 @@
    loader, which fetches MathJax 2 from a CDN, into every notebook page; the site already loads its own
    MathJax 3 on every page (book/theme/assets/mathjax-config.js), so that loader is cut out.
 2. Each chapter page and each notebook page gets a bar of links under its title: the chapter, its
-   notebook, the .ipynb file, and the notebook opened in Colab or Binder. Those two only work from the
-   public repository, whose address scripts/book.py reads from pyproject.toml into `extra.repository`.
+   notebook, its exercise (stub and tests), the .ipynb file, and the notebook opened in Colab or Binder.
+   scripts/book.py decides which pages belong together (`extra.link_bars`); Colab and Binder only work
+   from the public repository, whose address it reads from pyproject.toml into `extra.repository`.
 """
 
 import html
@@ -26,39 +27,23 @@ def launch_links(repository, notebook):
             "Open in Binder": f"https://mybinder.org/v2/gh/{owner}/{name}/HEAD?labpath={quote(notebook, safe='')}"}
 
 
-def partner(src_uri):
-    """chapters/NN-name.md <-> notebooks/NN-name.ipynb (by name; the other may not exist)."""
-    folder, name = posixpath.split(src_uri)
-    stem, extension = posixpath.splitext(name)
-    if folder == "chapters" and extension == ".md":
-        return f"notebooks/{stem}.ipynb"
-    if folder == "notebooks" and extension == ".ipynb":
-        return f"chapters/{stem}.md"
-    return None
-
-
 def on_page_content(content, page, config, files):
     src_uri = page.file.src_uri
     if src_uri.endswith(".ipynb"):
         content = NBCONVERT_MATHJAX.sub("", content)
-    other = partner(src_uri)
-    if other is None:
+    bar = config.extra["link_bars"].get(src_uri)
+    if not bar:
         return content
-    other_file = files.get_file_from_path(other)
-    notebook = src_uri if src_uri.endswith(".ipynb") else (other if other_file else None)
-    links = {}
-    if other_file is not None:
-        links["Notebook" if other.endswith(".ipynb") else "Chapter"] = other_file.url_relative_to(page.file)
+    links = {label: files.get_file_from_path(target).url_relative_to(page.file) for label, target in bar.items()}
+    notebook = src_uri if src_uri.endswith(".ipynb") else bar.get("Notebook")
+    if notebook == src_uri:
+        links["Download .ipynb"] = posixpath.basename(notebook)  # scripts/book.py puts the file beside the page
     if notebook:
-        if notebook == src_uri:
-            links["Download .ipynb"] = posixpath.basename(notebook)
         links.update(launch_links(config.extra["repository"], notebook))
-    if not links:
-        return content
-    bar = "".join(f'<a class="md-button" href="{html.escape(url)}">{html.escape(label)}</a>'
-                  for label, url in links.items())
-    bar = f'<div class="book-links">{bar}</div>'
+    buttons = "".join(f'<a class="md-button" href="{html.escape(url)}">{html.escape(label)}</a>'
+                      for label, url in links.items())
+    bar_html = f'<div class="book-links">{buttons}</div>'
     heading_end = content.find("</h1>")
     if heading_end < 0:
-        return bar + content
-    return content[:heading_end + 5] + bar + content[heading_end + 5:]
+        return bar_html + content
+    return content[:heading_end + 5] + bar_html + content[heading_end + 5:]

@@ -200,7 +200,7 @@ class Stage:
 
 
 def stage(root=ROOT, docs=DOCS, repository=None):
-    """Fill the docs folder from the repository; return MkDocs' navigation for it."""
+    """Fill the docs folder from the repository; return MkDocs' navigation and the pages' link bars."""
     repository = repository or repository_url(root / "pyproject.toml")
     if docs.exists():
         shutil.rmtree(docs)
@@ -220,9 +220,31 @@ def stage(root=ROOT, docs=DOCS, repository=None):
     modules = [f"minilora/{module.name}" for module in sorted((root / "minilora").glob("*.py"))]
     for module in modules:
         staged.add(module, module + ".md")
+    bars = link_bars(root, pairs)
+    for links in bars.values():
+        for target in links.values():
+            if target.endswith(".py.md"):
+                staged.add(target[:-3], target)
     staged.write_all()
     glossary_page = write_glossary(root, docs, pairs)
-    return navigation(root, pairs, staged.pages, modules, glossary_page)
+    return navigation(root, pairs, staged.pages, modules, glossary_page), bars
+
+
+def link_bars(root, pairs):
+    """The bar of links under each chapter's and notebook's title: {page: {label: page it links to}}.
+
+    Chapter NN's exercise is exercises/test_NN_<name>.py, testing the stub exercises/learner/<name>.py.
+    """
+    bars = {}
+    for chapter, notebook in pairs:
+        links = {"Chapter": chapter, "Notebook": notebook}
+        for test in sorted((root / "exercises").glob(f"test_{Path(chapter).name[:2]}_*.py")):
+            stub = f"exercises/learner/{test.stem.split('_', 2)[2]}.py"
+            links.update({"Exercise": f"{stub}.md"} if (root / stub).exists() else {})
+            links["Exercise tests"] = f"exercises/{test.name}.md"
+        for page in filter(None, (chapter, notebook)):
+            bars[page] = {label: target for label, target in links.items() if target and target != page}
+    return bars
 
 
 def write_glossary(root, docs, pairs):
@@ -280,10 +302,12 @@ def build(strict=False):
     shown.setLevel(logging.WARNING)
     shown.setFormatter(logging.Formatter("%(levelname)s  %(message)s"))
     logging.getLogger("mkdocs").addHandler(shown)
-    nav = stage()
+    nav, bars = stage()
     bundle_mathjax()
-    config = load_config(str(CONFIG), nav=nav, strict=strict, extra={"repository": repository_url()})
-    mkdocs_build(config)
+    extra = {"repository": repository_url(), "link_bars": bars}  # read by book/hooks.py
+    mkdocs_build(load_config(str(CONFIG), nav=nav, strict=strict, extra=extra))
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):  # the download: the committed file itself
+        shutil.copyfile(notebook, SITE / "notebooks" / notebook.name)
     return len(list(SITE.rglob("*.html")))
 
 

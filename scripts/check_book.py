@@ -114,8 +114,12 @@ def expected_pages(root=book.ROOT, site=book.SITE):
 class Browser:
     """One Chromium page that records every console error, failed request and blocked request."""
 
-    def __init__(self, playwright, base):
+    def __init__(self, playwright, base, search_index):
         self.base, self.events = base, []
+        # Material rebuilds the whole search index in the browser on every page it opens, which is most of
+        # the check's time; the search test below gets the real index, every other page an empty one.
+        self.search_index, self.empty_index = search_index, {"config": search_index["config"], "docs": []}
+        self.real_search = False
         self.browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         self.context = self.browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
         self.context.route("**/*", self.only_local)
@@ -130,7 +134,9 @@ class Browser:
             self.events.append(f"request failed: {request.url[:100]} ({request.failure})")
 
     def only_local(self, route):
-        if route.request.url.startswith(self.base):
+        if route.request.url == self.base + "search/search_index.json":
+            route.fulfill(json=self.search_index if self.real_search else self.empty_index)
+        elif route.request.url.startswith(self.base):
             route.continue_()
         else:
             self.events.append(f"blocked a request to the network: {route.request.url[:100]}")
@@ -154,6 +160,7 @@ class Browser:
         return path
 
     def search_finds(self, url, word):
+        self.real_search = True
         self.page.goto(url, wait_until="load")
         self.page.locator("input.md-search__input").fill(word)
         try:
@@ -218,7 +225,8 @@ def main(argv=None):
     problems, pages = expected_pages(), {}
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = Browser(playwright, base)
+        index = json.loads((book.SITE / "search" / "search_index.json").read_text(encoding="utf-8"))
+        browser = Browser(playwright, base, index)
         for name in names:
             found, events = browser.read(base + name)
             pages[base + name] = found

@@ -54,6 +54,7 @@ def repo(tmp_path):
     write(tmp_path, "tests/test_lora.py", "def test(): pass\n")
     write(tmp_path, "exercises/README.md", "# Exercises\n")
     write(tmp_path, "exercises/learner/lora.py", "stub\n")
+    write(tmp_path, "exercises/test_01_lora.py", "def test_stub(): pass\n")
     return tmp_path
 
 
@@ -65,7 +66,7 @@ def test_repository_url_is_the_one_setting(repo, tmp_path):
 
 
 def test_nav_lists_each_chapter_in_order_with_its_notebook(repo):
-    nav = book.stage(root=repo, docs=repo / "docs")
+    nav, _ = book.stage(root=repo, docs=repo / "docs")
     assert nav[0] == {"Home": "index.md"}
     assert nav[1] == {"Chapters": [{"1. LoRA": "chapters/01-lora.md"},
                                    {"1. LoRA · notebook": "notebooks/01-lora.ipynb"},
@@ -74,7 +75,20 @@ def test_nav_lists_each_chapter_in_order_with_its_notebook(repo):
                                    {"9. Evaluation and forgetting · notebook": "notebooks/09-forgetting.ipynb"}]}
     assert nav[2:5] == [{"Exercises": "exercises/README.md"}, {"Glossary": "chapters/glossary.md"},
                         {"Source": [{"minilora/lora.py": "minilora/lora.py.md"}]}]
-    assert nav[5] == {"Other files": [{"tests/test_lora.py": "tests/test_lora.py.md"}]}
+    assert nav[5] == {"Other files": [{"exercises/learner/lora.py": "exercises/learner/lora.py.md"},
+                                      {"exercises/test_01_lora.py": "exercises/test_01_lora.py.md"},
+                                      {"tests/test_lora.py": "tests/test_lora.py.md"}]}
+
+
+def test_link_bars_tie_chapter_notebook_and_exercise(repo):
+    _, bars = book.stage(root=repo, docs=repo / "docs")
+    assert bars["chapters/01-lora.md"] == {"Notebook": "notebooks/01-lora.ipynb",
+                                           "Exercise": "exercises/learner/lora.py.md",
+                                           "Exercise tests": "exercises/test_01_lora.py.md"}
+    assert bars["notebooks/01-lora.ipynb"]["Chapter"] == "chapters/01-lora.md"
+    assert bars["chapters/02-adalora.md"] == {}  # no notebook, no exercise
+    assert bars["notebooks/09-forgetting.ipynb"] == {"Chapter": "chapters/09-forgetting.md"}
+    assert (repo / "docs/exercises/test_01_lora.py.md").exists()
 
 
 def test_relative_links_point_where_the_target_is_on_the_site(repo):
@@ -108,13 +122,10 @@ def test_colab_and_binder_links():
         "Open in Colab": "https://colab.research.google.com/github/someone/minilora/blob/main/notebooks/01-lora.ipynb",
         "Open in Binder": "https://mybinder.org/v2/gh/someone/minilora/HEAD?labpath=notebooks%2F01-lora.ipynb"}
     assert hooks.launch_links("https://gitlab.com/someone/minilora", "notebooks/01-lora.ipynb") == {}
-    assert hooks.partner("chapters/01-lora.md") == "notebooks/01-lora.ipynb"
-    assert hooks.partner("notebooks/01-lora.ipynb") == "chapters/01-lora.md"
-    assert hooks.partner("exercises/README.md") is None
 
 
 def test_the_real_book_has_every_chapter(tmp_path):
-    nav = book.stage(root=ROOT, docs=tmp_path / "docs")
+    nav, _ = book.stage(root=ROOT, docs=tmp_path / "docs")
     chapters = [page for item in nav[1]["Chapters"] for page in item.values()]
     on_disk = sorted(f"chapters/{p.name}" for p in (ROOT / "chapters").glob("[0-9][0-9]-*.md"))
     assert [page for page in chapters if page.startswith("chapters/")] == on_disk
