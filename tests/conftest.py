@@ -5,9 +5,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def _tiny_llama(seed: int = 0, tie_word_embeddings: bool = False, dtype=torch.float32) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden 32 (q_proj 32->32, v_proj 32->16), random weights from `seed`."""
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+def _tiny_llama(seed: int = 0, tie_word_embeddings: bool = False, dtype=torch.float32, hidden_size: int = 32,
+                intermediate_size: int = 64) -> LlamaForCausalLM:
+    """A 2-layer Llama, by default hidden 32 (q_proj 32->32, v_proj 32->16), random weights from `seed`."""
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
@@ -16,7 +18,8 @@ def _tiny_llama(seed: int = 0, tie_word_embeddings: bool = False, dtype=torch.fl
 
 @pytest.fixture
 def tiny_llama():
-    """Factory: `tiny_llama(seed=0, tie_word_embeddings=False, dtype=torch.float32)` builds a fresh model."""
+    """Factory: `tiny_llama(seed=0, tie_word_embeddings=False, dtype=torch.float32, hidden_size=32,
+    intermediate_size=64)` builds a fresh model."""
     return _tiny_llama
 
 
