@@ -11,7 +11,8 @@ and counted, so a page that needs the network fails here as it would on a train.
     - a broken internal link: a page, file or #anchor that is not there;
     - an image that did not load;
     - unrendered math: raw $...$, $$, \\( or \\[ left in the text (code aside), or a MathJax error;
-    - a notebook page that shows fewer plots than its notebook holds, and a chapter or notebook with no page;
+    - a notebook page that shows fewer plots than its notebook holds, or has no Colab or Binder link;
+    - a chapter or notebook with no page;
     - a search for a word the book uses that finds nothing.
 
 It saves screenshots of the home page, a chapter (at its first display formula, and at its first figure)
@@ -205,6 +206,10 @@ def check_page(name, found, events):
         wanted = plots_in((book.SITE / name).with_suffix(".ipynb"))
         if found["plots"] < wanted:
             problems.append(f"{name}: shows {found['plots']} of the notebook's {wanted} plots")
+        for service in ("https://colab.research.google.com/github/", "https://mybinder.org/v2/gh/"):
+            if book.repository_url().startswith("https://github.com/") and not any(
+                    link.startswith(service) for link in found["links"]):
+                problems.append(f"{name}: no link to {service}")
     return problems
 
 
