@@ -45,7 +45,7 @@ CHAPTER = re.compile(r"^\d\d-[\w-]+\.md$")
 # An inline Markdown link or image: [text](target "title") or ![alt](target). Group 2 is the target.
 LINK = re.compile(r"(!?\[[^\]\n]*\]\()([^)\s]+)((?:\s+\"[^\"]*\")?\))")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-FENCE = re.compile(r"^\s*(```|~~~)")
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})")
 # Files shown as source pages, and the language their code block is highlighted in.
 SOURCE_LANGUAGES = {".py": "python", ".sh": "bash", ".toml": "toml", ".yml": "yaml", ".yaml": "yaml",
                     ".json": "json", ".jsonl": "json", ".txt": "text", ".cfg": "ini", "": "text"}
@@ -78,8 +78,8 @@ def lines_outside_code(lines):
             fence = match.group(1)
             yield line, True
         elif fence is not None:
-            if line.strip().startswith(fence):
-                fence = None
+            if match and match.group(1).startswith(fence) and not line.strip()[len(match.group(1)):]:
+                fence = None  # a closing fence: the same character, at least as long, nothing after it
             yield line, True
         else:
             yield line, False
@@ -125,8 +125,10 @@ def glossary(markdown):
 
 
 def source_page(path, text, repository):
-    """A page that shows one repository file as highlighted code, with a link to it online (no page outline:
-    the code gets the width)."""
+    """A page that shows one repository file as highlighted code, with a link to it online.
+
+    The page has no outline column ('hide: [toc]'), so that the code gets the width.
+    """
     language = SOURCE_LANGUAGES.get(Path(path).suffix, "text")
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
     return (f"---\nhide: [toc]\n---\n\n# `{path}`\n\n"
@@ -159,25 +161,28 @@ class Stage:
                 target.write_text(source_page(repo_path, text, self.repository), encoding="utf-8")
             elif site_path.endswith(".md"):
                 target.write_text(self.rewrite(source.read_text(encoding="utf-8"), repo_path), encoding="utf-8")
-            elif site_path.endswith(".ipynb"):
+            elif site_path.endswith(".ipynb"):  # MkDocs does not touch the links nbconvert renders: final URLs
                 notebook = json.loads(source.read_text(encoding="utf-8"))
                 for cell in notebook["cells"]:
                     if cell["cell_type"] == "markdown":
-                        cell["source"] = self.rewrite("".join(cell["source"]), repo_path)
+                        cell["source"] = self.rewrite("".join(cell["source"]), repo_path, as_html=True)
                 target.write_text(json.dumps(notebook, ensure_ascii=False), encoding="utf-8")
             else:
                 shutil.copyfile(source, target)
 
-    def rewrite(self, markdown, repo_path):
+    def rewrite(self, markdown, repo_path, as_html=False):
         """Point every relative link in a page (at repo_path) at the target's place on the site."""
         out = []
         for line, in_code in lines_outside_code(markdown.split("\n")):
-            out.append(line if in_code else LINK.sub(lambda m: m.group(1) + self.target(m.group(2), repo_path)
-                                                      + m.group(3), line))
+            out.append(line if in_code else LINK.sub(lambda m: m.group(1) + self.target(m.group(2), repo_path,
+                                                                                         as_html) + m.group(3), line))
         return "\n".join(out)
 
-    def target(self, link, repo_path):
-        """Where a link written in repo_path must point on the site (unchanged when it already works)."""
+    def target(self, link, repo_path, as_html=False):
+        """Where a link written in repo_path must point on the site (unchanged when it already works).
+
+        MkDocs turns a link to a page (.md, .ipynb) into one to its .html; with as_html, this does it.
+        """
         if re.match(r"^([a-z][a-z0-9+.-]*:|#|/)", link, re.IGNORECASE):
             return link  # another site, an anchor on this page, or an absolute path
         path, hash_, fragment = link.partition("#")
@@ -195,6 +200,8 @@ class Stage:
         else:  # a folder, or a file a browser cannot show: the repository online shows it
             kind = "tree" if file.is_dir() else "blob"
             return f"{self.repository}/{kind}/main/{resolved}" + hash_ + fragment
+        if as_html and site_path.endswith((".md", ".ipynb")):
+            site_path = re.sub(r"(^|/)README\.html$", r"\1index.html", posixpath.splitext(site_path)[0] + ".html")
         site_here = posixpath.dirname(self.pages[repo_path])
         return posixpath.relpath(site_path, site_here or ".") + hash_ + fragment
 

@@ -50,7 +50,9 @@ def repo(tmp_path):
                                               "| a | b |\n\n### Terms\n\nrank\n\n```\n# code\n```\n\n## Summary\n")
     write(tmp_path, "chapters/09-forgetting.md", "# Chapter 9 — Evaluation and forgetting\n")
     write(tmp_path, "chapters/figures/01-lora-bypass.png", "png")
-    write(tmp_path, "notebooks/01-lora.ipynb", notebook("# 01\n\nRead [the test](../tests/test_lora.py)."))
+    write(tmp_path, "notebooks/01-lora.ipynb", notebook("# 01\n\nRead [the test](../tests/test_lora.py), "
+                                                        "[the text](../chapters/01-lora.md#3-the-bypass) and "
+                                                        "[the exercises](../exercises/README.md)."))
     write(tmp_path, "notebooks/09-forgetting.ipynb", notebook("# 09"))
     write(tmp_path, "minilora/lora.py", '"""LoRA."""\nx = "```"\n')
     write(tmp_path, "tests/test_lora.py", "def test(): pass\n")
@@ -105,11 +107,18 @@ def test_relative_links_point_where_the_target_is_on_the_site(repo):
     assert "[the paper](https://arxiv.org/abs/2106.09685)" in chapter
     assert "# not a heading [x](../minilora/lora.py)\n" in chapter  # code is left alone
     cell = json.loads((docs / "notebooks/01-lora.ipynb").read_text())["cells"][0]["source"]
-    assert cell == "# 01\n\nRead [the test](../tests/test_lora.py.md)."
+    assert cell == ("# 01\n\nRead [the test](../tests/test_lora.py.html), [the text](../chapters/01-lora.html"
+                    "#3-the-bypass) and [the exercises](../exercises/index.html).")  # nbconvert's HTML: final URLs
     source = (docs / "minilora/lora.py.md").read_text()
     assert f"[View `minilora/lora.py` in the repository]({REPO}/blob/main/minilora/lora.py)" in source
     assert '````python\n"""LoRA."""\nx = "```"\n````\n' in source  # a fence longer than any ``` inside
     assert (docs / "chapters/figures/01-lora-bypass.png").read_text() == "png"
+
+
+def test_code_blocks_are_not_read_as_headings():
+    text = "````markdown\n```python\n# inside\n```\n# still inside\n````\n# Title\n"
+    assert [in_code for _, in_code in book.lines_outside_code(text.splitlines())] == [True] * 6 + [False]
+    assert book.title_of(text) == "Title"
 
 
 def test_glossary_is_its_own_page(repo):
