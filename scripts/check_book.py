@@ -151,7 +151,7 @@ class Browser:
         return found, list(dict.fromkeys(self.events))
 
     def screenshot(self, url, path, selector=None):
-        """A 1280 × 900 screenshot of url, scrolled so that the first selector match is near the top."""
+        """A 1280 × 900 screenshot of url, scrolled so that the first selector match is in the middle."""
         self.page.goto(url, wait_until="load")
         self.page.evaluate(READ_PAGE)
         if selector and self.page.locator(selector).count():
