@@ -139,3 +139,80 @@ def test_training_flops_counted_by_torch(interview, method):
     with FlopCounterMode(display=False) as counter:
         layer(x).sum().backward()
     assert interview.training_flops_per_token(layer.weight.numel(), method) == counter.get_total_flops() // tokens
+
+
+# --- The PEFT family and bitsandbytes' rules, checked against peft and bitsandbytes themselves ----------------
+
+def small_llama(num_key_value_heads=4):
+    """A Llama shape small enough to build in a blink on the meta device (no memory allocated)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=num_key_value_heads, vocab_size=100)
+    with torch.device("meta"):
+        return config, LlamaForCausalLM(config)
+
+
+def peft_trainable(peft_config, num_key_value_heads=4):
+    from peft import get_peft_model
+    config, model = small_llama(num_key_value_heads)
+    with torch.device("meta"):
+        model = get_peft_model(model, peft_config)
+    return config, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("r", [4, 16, 64])
+def test_rslora_scaling_is_peft_s(interview, r):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=r, lora_alpha=16, target_modules=["0"],
+                                                                      use_rslora=True))
+    assert interview.rslora_scaling(16, r) == pytest.approx(model.base_model.model[0].scaling["default"])
+    assert interview.rslora_scaling(16, 64) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_prompt_tuning_parameter_count(interview, tokens):
+    from peft import PromptTuningConfig
+    config, trainable = peft_trainable(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens))
+    assert interview.prompt_tuning_parameter_count(tokens, config.hidden_size) == trainable
+
+
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_prefix_tuning_parameter_count(interview, tokens):
+    from peft import PrefixTuningConfig
+    config, trainable = peft_trainable(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens),
+                                       num_key_value_heads=4)  # no grouped-query attention: kv width = hidden
+    assert interview.prefix_tuning_parameter_count(tokens, config.num_hidden_layers, config.hidden_size) == trainable
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_ia3_parameter_count(interview, kv_heads):
+    from peft import IA3Config
+    config, trainable = peft_trainable(IA3Config(task_type="CAUSAL_LM"), num_key_value_heads=kv_heads)
+    kv_dim = kv_heads * config.hidden_size // config.num_attention_heads
+    assert interview.ia3_parameter_count(config.num_hidden_layers, kv_dim, config.intermediate_size) == trainable
+
+
+@pytest.mark.parametrize("numel", [8 * 4096, 8 * 11008, 99_999, 100_000, 64 * 4096])
+def test_is_paged_by_bitsandbytes(interview, numel, monkeypatch):
+    # Ask bitsandbytes' own rule (Optimizer8bit.get_state_buffer) for a parameter on the meta device, which is
+    # not a CPU tensor; the CUDA allocation it would make for a paged state is replaced by a recording stub.
+    import bitsandbytes.functional as F
+    from bitsandbytes.optim import PagedAdamW32bit
+    paged = []
+    monkeypatch.setattr(F, "get_paged", lambda *shape, **kw: paged.append(shape) or torch.empty(0))
+    monkeypatch.setattr(F, "fill", lambda *args, **kw: None)
+    param = nn.Parameter(torch.empty(numel, device="meta"))
+    PagedAdamW32bit([param]).get_state_buffer(param)
+    assert interview.is_paged_by_bitsandbytes(numel) == bool(paged)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (256, 1000), (1000, 1000)])
+def test_adam_8bit_state_bytes(interview, shape):
+    import bitsandbytes as bnb
+    param = nn.Parameter(torch.randn(*shape))
+    param.grad = torch.randn_like(param)
+    optimizer = bnb.optim.AdamW8bit([param])
+    optimizer.step()
+    state = optimizer.state[param]
+    held = sum(state[k].nbytes for k in ("state1", "state2", "absmax1", "absmax2"))  # without the code tables
+    assert interview.adam_8bit_state_bytes(param.numel()) == held

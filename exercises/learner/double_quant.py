@@ -5,6 +5,7 @@ Fill in the body that raises NotImplementedError, then run
     .venv/bin/python -m pytest exercises/test_04_double_quant.py            # against this file
 
 until everything passes. The book's solution is minilora/double_quant.py; try without it first.
+Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write: `double_quantize` (8-bit blockwise quantization of the first-level constants).
 Given: `dynamic_map`, bitsandbytes' signed dynamic 8-bit map (256 sorted levels in [-1, 1]); building it
@@ -19,9 +20,5 @@ from minilora.double_quant import dynamic_map  # noqa: F401  (given: the 256 lev
 def double_quantize(absmax: torch.Tensor, blocksize: int = 256):
     """(qabsmax uint8, absmax2 float32 per block of `blocksize`, offset float32 scalar)."""
     raise NotImplementedError(
-        "hint: offset = absmax.mean(); centre the constants (absmax - offset), so both signs of the map "
-        "are used. Split them into blocks of `blocksize` (the last may be partial): absmax2 = max |centred| "
-        "per block. Scale each centred value by its block's absmax2 and round to the NEAREST level of "
-        "dynamic_map() (searchsorted on the midpoints between neighbouring levels; work in float64 to make "
-        "'nearest' exact). Return the indices as uint8. How many bits per parameter does this cost at "
-        "blocksize 64, compared with float32 constants?")
+        "hint: subtract the mean first (why?), then blockwise absmax quantization of the centred values "
+        "with the 256 levels of dynamic_map(), rounding to the nearest level. Return uint8 codes.")

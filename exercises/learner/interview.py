@@ -8,6 +8,7 @@ answer (a line or two each), then run
 until everything passes. The tests compare your answers with what minilora computes (a LoRALinear's real
 parameters, the memory model, bytes stored by QuantizedWeight, torch's AdamW state, FLOPs counted by torch).
 The book's answers are in exercises/solutions/interview.py; try without them first.
+Stuck? Longer hints are in exercises/ANSWERS.md.
 
 Units: GB = 10**9 bytes. "bits" and "bytes" are per parameter where the name says so.
 """
@@ -28,9 +29,8 @@ def lora_fraction(d: int, k: int, r: int) -> float:
 def bits_per_param(blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256) -> float:
     """Storage of a blockwise 4-bit weight per parameter, in bits, in the limit of a large tensor."""
     raise NotImplementedError(
-        "hint: 4 bits of code per weight, plus the constants shared by a block: one fp32 absmax (32 bits) per "
-        "`blocksize` weights. With double quantization each absmax becomes 8 bits, and every `dq_blocksize` of "
-        "them share one fp32 scale. Check: 4.5 without DQ, 4.127 with, at blocksize 64.")
+        "hint: 4 bits of code plus each weight's share of its block's constants. Check: 4.5 without DQ, "
+        "4.127 with, at blocksize 64.")
 
 
 def dq_saving_bits(blocksize: int = 64, dq_blocksize: int = 256) -> float:
@@ -56,14 +56,53 @@ def full_finetune_gb(num_params: int, master_weights: bool = True) -> float:
     """GB for weights + gradients + optimizer state of mixed-precision full fine-tuning with Adam (bf16
     weights and gradients, fp32 moments, optionally an fp32 master copy); activations not included."""
     raise NotImplementedError(
-        "hint: per parameter, 2 bytes of bf16 weight + 2 bytes of bf16 gradient + the Adam state above. "
-        "Check: 16 bytes per parameter with a master copy, 12 without.")
+        "hint: weight + gradient + optimizer state, per parameter. Check: 16 bytes with a master copy, "
+        "12 without.")
 
 
 def training_flops_per_token(num_params: int, method: str = "full") -> int:
     """Matmul FLOPs per trained token for a model of `num_params` weights, without gradient checkpointing:
     method "full" trains every weight, "lora" (or "qlora") keeps them frozen (ignore the small adapters)."""
     raise NotImplementedError(
-        "hint: forward is 2 FLOPs per weight (a multiply and an add). Backward computes the gradient with "
-        "respect to the input (2 per weight) and, only for weights that train, with respect to the weight "
-        "(2 more).")
+        "hint: count forward, input-gradient and weight-gradient matmuls; which one does a frozen weight "
+        "skip?")
+
+
+# --- The PEFT family, LoRA variants and bitsandbytes' rules (Chapter 8, Q6, Q10, Q21, Q22) ---------------------
+
+def rslora_scaling(lora_alpha: float, r: int) -> float:
+    """The factor rsLoRA multiplies B·A·x by (Chapter 8, Q6): the rank-stabilized replacement of alpha / r."""
+    raise NotImplementedError("hint: the square root of the rank replaces the rank. Check: alpha 16, r 64 -> 2.0.")
+
+
+def prompt_tuning_parameter_count(num_virtual_tokens: int, hidden_size: int) -> int:
+    """Trainable parameters of prompt tuning: learned input embeddings ("soft tokens") prepended to the input."""
+    raise NotImplementedError("hint: one embedding vector per virtual token. Check: 20 tokens at 4096 -> 81,920.")
+
+
+def prefix_tuning_parameter_count(num_virtual_tokens: int, num_layers: int, hidden_size: int) -> int:
+    """Trainable parameters of prefix tuning without reparametrization, for a model without grouped-query
+    attention: learned key and value vectors for every virtual token in every layer."""
+    raise NotImplementedError("hint: a key AND a value per token per layer. Check: 20 tokens, 32 layers, 4096 -> "
+                              "5,242,880.")
+
+
+def ia3_parameter_count(num_layers: int, kv_dim: int, intermediate_size: int) -> int:
+    """Trainable parameters of IA3 on a Llama-style model as peft places it by default: one learned vector
+    rescaling k_proj's output, one rescaling v_proj's output and one rescaling down_proj's input, per layer."""
+    raise NotImplementedError("hint: each vector has the length of the activation it rescales. Check: LLaMA-7B "
+                              "(32 layers, kv 4096, MLP 11008) -> 614,400.")
+
+
+def is_paged_by_bitsandbytes(numel: int) -> bool:
+    """Does a bitsandbytes paged optimizer put the state of a parameter with `numel` elements in paged
+    (CUDA unified) memory? (Chapter 8, Q21)"""
+    raise NotImplementedError("hint: only large tensors are paged; the threshold is 10**5 elements. Check: a LoRA "
+                              "A of 8 x 4096 is not paged.")
+
+
+def adam_8bit_state_bytes(num_params: int) -> int:
+    """Bytes bitsandbytes' 8-bit AdamW keeps for one parameter tensor of `num_params` >= 4096 elements: both
+    moments as 8-bit codes, each with one fp32 absmax per block of 256 values (the code tables not counted)."""
+    raise NotImplementedError("hint: 1 byte per value per moment, plus 4 bytes per block per moment; a partial "
+                              "last block still has its absmax. Check: 10**6 values -> 2,031,256.")

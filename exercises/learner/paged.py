@@ -5,6 +5,7 @@ Fill in every body that raises NotImplementedError, then run
     .venv/bin/python -m pytest exercises/test_05_paged.py            # against this file
 
 until everything passes. The book's solution is minilora/paged.py; try without it first.
+Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write: `adamw_update_page` (the AdamW update of one page of elements, in place) and the three methods
 of `LRUPool` that decide which page leaves the device pool (`touch`, `victim`, `admit`).
@@ -19,11 +20,8 @@ import torch  # noqa: F401  (the tensors you update are torch tensors; in-place 
 def adamw_update_page(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> None:
     """One AdamW step, in place, on matching fp32 slices. `step` = t is 1 for the first update."""
     raise NotImplementedError(
-        "hint: four lines of maths, all in place. (1) decoupled weight decay: θ ← θ·(1 − lr·λ), applied to "
-        "the parameter itself, not added to the gradient. (2) m ← β1·m + (1 − β1)·g (exp_avg.lerp_(grad, "
-        "1 - beta1) does exactly this). (3) v ← β2·v + (1 − β2)·g² (mul_ then addcmul_). (4) bias "
-        "correction: θ ← θ − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε) (addcdiv_ with value=-step_size). "
-        "Why is the correction needed at t = 1, when m and v started at zero?")
+        "hint: four in-place steps: decoupled weight decay on the parameter, the two moment EMAs, then "
+        "the bias-corrected update (Chapter 5, 'The update'). Why is the correction needed at t = 1?")
 
 
 class LRUPool:
@@ -55,14 +53,10 @@ class LRUPool:
     def victim(self, pinned=()):
         """The least recently used resident page that is not in `pinned`."""
         raise NotImplementedError(
-            "hint: walk self.slot_of from oldest to newest and return the first page not in pinned. If "
-            "every resident page is pinned there is no victim: raise RuntimeError (never evict a page that "
-            "is being updated or was just prefetched).")
+            "hint: the oldest resident page that is not pinned; if there is none, that is an error.")
 
     def admit(self, page, pinned=()) -> tuple[int, object]:
         """Give non-resident `page` a slot; return (slot, evicted page or None). It becomes most recent."""
         raise NotImplementedError(
-            "hint: a page already resident is a caller's bug (ValueError). While fewer than capacity "
-            "slots exist (or capacity is None), the new slot is number self.num_slots (then count it) and "
-            "nothing is evicted. Otherwise evict self.victim(pinned): pop it from slot_of and hand its slot "
-            "to `page`. Either way slot_of[page] = slot, at the most recent end.")
+            "hint: use a fresh slot while fewer than capacity exist, otherwise take the victim's slot; "
+            "the admitted page becomes the most recent. Admitting a resident page is a caller's bug.")
