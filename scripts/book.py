@@ -1,7 +1,7 @@
 """The book as a website: lay the repository out as pages, then let MkDocs render them into site/.
 
     python scripts/book.py            # build site/ (what `make book` runs)
-    python scripts/book.py --strict   # the same, failing on any MkDocs warning (what `make book-check` runs)
+    python scripts/book.py --strict   # the same, with exit status 1 if MkDocs warned
 
 MkDocs (with the Material theme and mkdocs-jupyter, configured in book/mkdocs.yml) renders one folder of
 pages. This script fills that folder, build/book/docs/, with the repository as a reader sees it:
@@ -300,32 +300,46 @@ def bundle_mathjax(docs=DOCS):
         shutil.copyfile(bundle / name, docs / "assets" / "mathjax" / Path(name).name)
 
 
-def build(strict=False):
-    """Stage the pages and render the site into site/; return the number of pages."""
+class Warnings(logging.Handler):
+    """Shows MkDocs' warnings (a link it cannot resolve, ...) on stderr and keeps them."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+        print(f"{record.levelname}  {record.getMessage()}", file=sys.stderr)
+
+
+def build():
+    """Stage the pages and render the site into site/; return (number of pages, MkDocs' warnings)."""
     from mkdocs.commands.build import build as mkdocs_build
     from mkdocs.config import load_config
 
-    shown = logging.StreamHandler()  # MkDocs' warnings (a link it cannot resolve, ...) on stderr
-    shown.setLevel(logging.WARNING)
-    shown.setFormatter(logging.Formatter("%(levelname)s  %(message)s"))
-    logging.getLogger("mkdocs").addHandler(shown)
-    nav, bars = stage()
-    bundle_mathjax()
-    extra = {"repository": repository_url(), "link_bars": bars}  # read by book/hooks.py
-    mkdocs_build(load_config(str(CONFIG), nav=nav, strict=strict, extra=extra))
+    warnings = Warnings()
+    logging.getLogger("mkdocs").addHandler(warnings)
+    try:
+        nav, bars = stage()
+        bundle_mathjax()
+        extra = {"repository": repository_url(), "link_bars": bars}  # read by book/hooks.py
+        mkdocs_build(load_config(str(CONFIG), nav=nav, extra=extra))
+    finally:
+        logging.getLogger("mkdocs").removeHandler(warnings)
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):  # the download: the committed file itself
         shutil.copyfile(notebook, SITE / "notebooks" / notebook.name)
-    return len(list(SITE.rglob("*.html")))
+    return len(list(SITE.rglob("*.html"))), warnings.messages
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--strict", action="store_true", help="fail on any MkDocs warning")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if MkDocs warned")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    pages = build(strict=args.strict)
-    print(f"book: {pages} pages in {SITE.relative_to(ROOT)}/ ({time.perf_counter() - start:.0f} s); "
-          "open site/index.html, or `make book-serve`")
+    pages, warnings = build()
+    print(f"book: {pages} pages in {SITE.relative_to(ROOT)}/ ({time.perf_counter() - start:.0f} s), "
+          f"{len(warnings)} warnings; open site/index.html, or `make book-serve`")
+    return 1 if args.strict and warnings else 0
 
 
 if __name__ == "__main__":
