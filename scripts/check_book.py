@@ -157,7 +157,7 @@ class Browser:
         self.page.evaluate(READ_PAGE)
         if selector and self.page.locator(selector).count():
             self.page.locator(selector).first.evaluate("e => e.scrollIntoView({block: 'center'})")
-            self.page.wait_for_timeout(200)
+            self.page.wait_for_timeout(600)  # the header swaps the site name for the page title in an animation
         self.page.screenshot(path=str(path))
         return path
 
