@@ -22,7 +22,7 @@ STAMP       := $(VENV)/.minilora-installed
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: demo test test-portable lint pytest exercises-reference exercises-stubs nbval lab bench exercises setup clean book book-serve book-check
+.PHONY: demo test test-portable lint pytest exercises-reference exercises-stubs nbval lab bench exercises figures setup clean book book-serve book-check
 
 setup: $(STAMP)
 
@@ -74,6 +74,9 @@ bench: $(STAMP)
 
 exercises: $(STAMP)
 	$(PY) -m pytest exercises --impl=learner -v --tb=short
+
+figures: $(STAMP)
+	$(PY) scripts/figures.py
 
 # The book as a website (scripts/book.py, book/mkdocs.yml): `make book` builds site/, `make book-serve` serves it
 # on http://127.0.0.1:8000/, `make book-check` builds it and reads every page in headless Chromium, offline.

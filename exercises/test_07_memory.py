@@ -40,12 +40,12 @@ def test_linear_shapes_match_the_model(memory):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_count_parameters_exact(memory, tied):
+def test_parameter_counts_exact(memory, tied):
     model = tiny_llama(tie_word_embeddings=tied)
-    counts = memory.count_parameters(model.config)
+    counts = memory.parameter_counts(model.config)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["lm_head"] == (0 if tied else TINY["vocab_size"] * TINY["hidden_size"])
-    assert memory.count_parameters(LLAMA_7B)["total"] == 6_738_415_616
+    assert memory.parameter_counts(LLAMA_7B)["total"] == 6_738_415_616
 
 
 def test_lora_parameter_count(memory):

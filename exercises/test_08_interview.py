@@ -84,16 +84,16 @@ def test_dq_saving_bits(interview):
     # over LLaMA-65B's block linears, tensor by tensor: about 3 GB, not the "0.5 bit" 4 GB
     _, plain = memory.quantized_weight_bytes("llama-65b", double_quant=False)
     _, dq = memory.quantized_weight_bytes("llama-65b", double_quant=True)
-    linear = memory.count_parameters("llama-65b")["linear"]
+    linear = memory.parameter_counts("llama-65b")["linear"]
     assert interview.dq_saving_bits(64) == pytest.approx(8 * (plain - dq) / linear, rel=1e-4)
 
 
 def test_weight_gb(interview):
-    n65 = memory.count_parameters("llama-65b")["total"]
+    n65 = memory.parameter_counts("llama-65b")["total"]
     assert interview.weight_gb(n65, 16) == pytest.approx(2 * n65 / memory.GB, rel=1e-12)
     assert round(interview.weight_gb(n65, 16), 2) == 130.57
     # the 4-bit block linears of 65B with double quantization, as the memory model stores them tensor by tensor
-    linear = memory.count_parameters("llama-65b")["linear"]
+    linear = memory.parameter_counts("llama-65b")["linear"]
     packed, constants = memory.quantized_weight_bytes("llama-65b", double_quant=True)
     assert interview.weight_gb(linear, interview.bits_per_param(64, True)) == pytest.approx(
         (packed + constants) / memory.GB, rel=1e-6)
@@ -126,7 +126,7 @@ def test_full_finetune_gb(interview, master_weights):
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_training_flops_per_token(interview, method):
-    n7 = memory.count_parameters("llama-7b")["total"]
+    n7 = memory.parameter_counts("llama-7b")["total"]
     assert interview.training_flops_per_token(n7, method) == memory.training_flops_per_token(
         n7, method, gradient_checkpointing=False)
 

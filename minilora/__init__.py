@@ -7,17 +7,21 @@ The package is a house with floors; each module imports only from the floors bel
     floor 1   lora        the LoRA bypass h = W0 x + (α/r) B A x, injection, merging       (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
               paged       a paged AdamW: optimizer state in pages, LRU pool, write-back    (chapter 5)
-              memory      the memory model of a fine-tuning run                             (chapter 7)
+              architecture a Llama's shapes and exact parameter counts                    (chapter 7)
+              measure     bytes measured on a real model: saved activations, held state (chapter 7)
               data        the running example: a tiny Llama and a new skill to teach it
               checkpoints what a run writes: checkpoint pieces, the metrics file, the loss plot
     floor 2   adalora     SVD-form updates P Λ Q, importance scores, the budget schedule   (chapter 2)
               double_quant   quantizing the quantization constants                       (chapter 4)
-              plots       the charts the chapters share
+              activations the bytes autograd saves for backward, tensor by tensor     (chapter 7)
               instructions  JSONL instruction data → tokens → shuffled micro-batches
-    floor 3   qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
+    floor 3   memory      the memory model of a fine-tuning run                             (chapter 7)
+              qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
               adapters    adapter files in peft's format, for LoRA and AdaLoRA
               distributed the loop under torchrun: DDP, FSDP over the adapter only           (chapter 7)
     floor 4   train       the training loop and its command line                           (chapter 6)
+              plots       the charts the chapters share
+              experiments the chapters' experiments: data types (ch. 6), forgetting (ch. 9)
     floor 5   __main__    `python -m minilora demo`, the guided tour
 
 Everything a reader needs most is importable from here: `from minilora import add_lora, LoraConfig`.

@@ -284,8 +284,8 @@ def memory_step(out: Path) -> str:
 
     reports = [estimate(model, method=method, r=64, seq_len=512)
                for model in ("llama-7b", "llama-65b") for method in ("full", "lora", "qlora")]
-    ax = plot_memory_report(reports, capacities={"24 GiB": 24, "48 GiB": 48, "80 GiB": 80}, log=True,
-                            title="Chapter 7: predicted memory (batch 1, seq 512, r 64)")
+    ax = plot_memory_report(reports, capacities={"24 GB card": 24, "48 GB card": 48, "80 GB card": 80},
+                            title="Chapter 7: predicted memory (batch 1, seq 512, r 64)", xmax=160)
     figure = save_figure(ax, out / "07-memory.png")
     return "\n".join([
         "## 7. The memory model (chapters/07-scaling.md)",

@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(ROOT))
 
 from minilora import memory  # noqa: E402
+from minilora.architecture import PRESETS  # noqa: E402
 from minilora.data import tiny_llama_config  # noqa: E402
 from minilora.instructions import (  # noqa: E402
     Batches,
@@ -87,10 +88,10 @@ def model_config(name: str, seq_len: int):
 
     if name == "tiny":
         config = tiny_llama_config()
-    elif name in memory.PRESETS:
-        config = LlamaConfig(**memory.PRESETS[name], rms_norm_eps=1e-5, use_cache=False)
+    elif name in PRESETS:
+        config = LlamaConfig(**PRESETS[name], rms_norm_eps=1e-5, use_cache=False)
     else:
-        raise ValueError(f"--config must be 'tiny' or one of {sorted(memory.PRESETS)}, got {name!r}")
+        raise ValueError(f"--config must be 'tiny' or one of {sorted(PRESETS)}, got {name!r}")
     config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
     return config
 
@@ -320,7 +321,7 @@ def measure(stack: str, seq_len: int, args, recipe: TrainConfig, device: torch.d
                        args.steps, args.warmup)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     trainable, _ = count_parameters(model)
-    n = memory.count_parameters(model.config)["total"]
+    n = memory.parameter_counts(model.config)["total"]
     flops_per_token = memory.training_flops_per_token(n, "qlora", gradient_checkpointing=False)  # 4N
     with_recompute = memory.training_flops_per_token(n, "qlora", gradient_checkpointing=True)  # 6N
     peak_flops = peak_tflops(device, args.peak_tflops)
@@ -377,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="local Hugging Face checkpoint folder (nothing is downloaded)")
     p.add_argument("--config", "--preset", dest="config",
-                   help=f"architecture preset for --random-init: tiny, {', '.join(memory.PRESETS)}")
+                   help=f"architecture preset for --random-init: tiny, {', '.join(PRESETS)}")
     p.add_argument("--random-init", action="store_true", help="random weights (memory/speed without weights)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {prompt, response}")
     p.add_argument("--seq-len", type=int, nargs="+", default=[512],

@@ -13,13 +13,16 @@ PACKAGE = Path(minilora.__file__).resolve().parent
 FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
-    "lora": 1, "nf4": 1, "paged": 1, "memory": 1, "data": 1,
+    "lora": 1, "nf4": 1, "paged": 1, "architecture": 1, "measure": 1, "data": 1,
     "checkpoints": 1,
-    "adalora": 2, "double_quant": 2, "plots": 2,
+    "adalora": 2, "double_quant": 2, "activations": 2,
     "instructions": 2,
+    "memory": 3,
+    "plots": 4,
     "qlora": 3, "adapters": 3,
     "distributed": 3,
-    "train": 4, "__main__": 5,
+    "train": 4, "experiments": 4,  # the chapters' experiments: short real runs (chapters 6 and 9)
+    "__main__": 5,
 }
 
 

@@ -13,18 +13,15 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minilora import memory
+from minilora.activations import activation_breakdown
+from minilora.architecture import PRESETS, count_parameter_tensors, lora_parameter_count, parameter_counts
+from minilora.measure import held_tensor_bytes, measure_saved_bytes, measure_training_bytes
 from minilora.memory import (
     GB,
     MB,
-    GiB,
-    activation_breakdown,
     bits_per_parameter,
-    count_parameter_tensors,
-    count_parameters,
     estimate,
-    lora_parameter_count,
-    measure_saved_bytes,
-    measure_training_bytes,
+    importance_score_bytes,
     optimizer_state_bytes,
     quant_constant_bytes,
     quantized_weight_bytes,
@@ -57,9 +54,9 @@ def n_params(model, trainable_only=False):
     {"num_key_value_heads": 1, "head_dim": 32},
     {"attention_bias": True, "mlp_bias": True, "num_hidden_layers": 3},
 ])
-def test_count_parameters_equals_transformers(overrides):
+def test_parameter_counts_equal_transformers(overrides):
     model = tiny_llama(**overrides)
-    counts = count_parameters(model.config)
+    counts = parameter_counts(model.config)
     assert counts["total"] == n_params(model)
     assert count_parameter_tensors(model.config) == len(list(model.parameters()))
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
@@ -70,20 +67,20 @@ def test_count_parameters_equals_transformers(overrides):
 @pytest.mark.parametrize("name", ["llama-7b", "llama-65b", "llama2-70b", "mistral-7b"])
 def test_preset_counts_equal_transformers_on_meta_device(name):
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**memory.PRESETS[name]))
-    assert count_parameters(name)["total"] == n_params(model)
+        model = LlamaForCausalLM(LlamaConfig(**PRESETS[name]))
+    assert parameter_counts(name)["total"] == n_params(model)
 
 
 def test_tiny_llama_preset_is_the_running_example():
     from minilora.data import build_tiny_llama
-    assert count_parameters("tiny-llama")["total"] == n_params(build_tiny_llama())
+    assert parameter_counts("tiny-llama")["total"] == n_params(build_tiny_llama())
 
 
 def test_published_sizes():
-    assert count_parameters("llama-7b")["total"] == 6_738_415_616
-    assert count_parameters("llama-13b")["total"] == 13_015_864_320
-    assert count_parameters("llama-33b")["total"] == 32_528_943_616
-    assert count_parameters("llama-65b")["total"] == 65_285_660_672
+    assert parameter_counts("llama-7b")["total"] == 6_738_415_616
+    assert parameter_counts("llama-13b")["total"] == 13_015_864_320
+    assert parameter_counts("llama-33b")["total"] == 32_528_943_616
+    assert parameter_counts("llama-65b")["total"] == 65_285_660_672
 
 
 @pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj"], ["down_proj"]])
@@ -142,6 +139,54 @@ def test_lora_bytes_exact_vs_peft_and_paged_adamw():
     assert optimizer_state_bytes(100, 3, "adamw", param_bytes=2) == 2 * 2 * 100 + 4 * 3
 
 
+ADALORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _one_step(model):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.AdamW(trainable, lr=1e-3).step()
+    return sum(p.numel() for p in trainable)
+
+
+def test_adalora_scores_exact_vs_minilora_allocator():
+    # minilora's RankAllocator keeps Ī and Ū in fp32 for every element of P, Λ, Q, plus a copy of every Λ.
+    from minilora.adalora import AdaLoraConfig, add_adalora
+    model = tiny_llama()
+    allocator = add_adalora(model, AdaLoraConfig(init_r=6, target_r=2, total_step=10,
+                                                 target_modules=ADALORA_TARGETS))
+    n = _one_step(model)
+    allocator.update_and_allocate(0)
+    report = estimate(model.config, "adalora", r=6, adapter_bytes=4, allocator="minilora")
+    assert report.num_trainable == n
+    assert report.importance_scores == held_tensor_bytes(allocator) == 8 * n + 4 * 6 * 7 * 2
+
+
+def test_adalora_scores_exact_vs_peft_allocator():
+    # peft's RankAllocator keeps three tensors like each lora_A, lora_E, lora_B: I, Ī and Ū.
+    from peft import AdaLoraConfig, get_peft_model
+    config = AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules=ADALORA_TARGETS)
+    model = get_peft_model(tiny_llama(), config)  # fp32 adapters on the fp32 tiny model
+    n = _one_step(model)
+    model.base_model.update_and_allocate(0)
+    report = estimate(model.config, "adalora", r=6, adapter_bytes=4, allocator="peft")
+    assert report.num_trainable == n
+    assert report.importance_scores == held_tensor_bytes(model.base_model.rankallocator) == 3 * 4 * n
+
+
+def test_adalora_7b_costs_more_than_lora():
+    lora, adalora = estimate("llama-7b", "lora"), estimate("llama-7b", "adalora")
+    n = adalora.num_trainable
+    assert n == 159_907_840 + 64 * 7 * 32
+    assert adalora.importance_scores == 3 * 2 * n  # peft's three bf16 tensors per adapter parameter
+    # Λ adds 64 parameters per module (2 B weight + 2 B gradient + 8 B paged AdamW state each), the scores 6n.
+    assert adalora.total - lora.total == adalora.importance_scores + (2 + 2 + 8) * (n - lora.num_trainable)
+    assert importance_score_bytes(10, 2, 3, "minilora", adapter_bytes=2) == 80 + 12
+    with pytest.raises(ValueError, match="allocator='bnb'"):
+        importance_score_bytes(10, 2, 3, "bnb")
+
+
 def test_optimizer_state_rules():
     assert optimizer_state_bytes(10, 2, "adamw", param_bytes=2, master_weights=True) == 4 * 10 + 8 * 10 + 8
     assert optimizer_state_bytes(10, 2, "paged_adamw") == 80
@@ -171,7 +216,7 @@ def test_bits_per_parameter():
     assert bits_per_parameter(64, double_quant=True, dq_blocksize=256) == 4 + 8 / 64 + 32 / (64 * 256)
     assert round(bits_per_parameter(), 3) == 4.127
     packed, constants = quantized_weight_bytes("llama-65b")  # whole-model average agrees to 4 digits
-    bits = 8 * (packed + constants) / count_parameters("llama-65b")["linear"]
+    bits = 8 * (packed + constants) / parameter_counts("llama-65b")["linear"]
     assert bits == pytest.approx(4.127, abs=5e-4)
 
 
@@ -285,16 +330,3 @@ def test_bad_input_names_the_argument():
         estimate({"hidden_size": 8})
     with pytest.raises(TypeError):
         estimate(42)
-
-
-def test_memory_bar_chart():
-    import matplotlib
-    matplotlib.use("Agg")
-    from minilora.plots import plot_curves, plot_memory_report
-
-    reports = [estimate("llama-7b", m) for m in ("full", "lora", "qlora")]
-    ax = plot_memory_report(reports, capacities={"48 GB GPU": 48})
-    assert len(ax.patches) == 3 * len(memory.COMPONENTS)
-    assert ax.patches[0].get_height() == pytest.approx(reports[0].base_weights / GiB)
-    ax = plot_curves({"a": [3.0, 2.0, 1.0]})
-    assert list(ax.lines[0].get_ydata()) == [3.0, 2.0, 1.0]

@@ -73,7 +73,7 @@ def test_markdown_table_and_predictions():
     peft = qlora_7b.predicted_bytes(config, recipe, 512, "peft")
     # peft's prepare_model_for_kbit_training casts every weight that is not 4-bit (embeddings, head, norms) to
     # fp32: 2 extra bytes for each of them.
-    counts = memory.count_parameters(config)
+    counts = memory.parameter_counts(config)
     assert peft - ours == 2 * (counts["total"] - counts["linear"]) > 2 * 2 * 32000 * 4096
     row = dict(stack="minilora", seq_len=512, batch_size=1, grad_accum=16, peak_bytes=6 * 2**30,
                predicted_bytes=ours, tokens_per_s=1234.5, mfu=0.25, hfu=0.375, losses=[2.5])

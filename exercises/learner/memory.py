@@ -7,7 +7,7 @@ Fill in every body that raises NotImplementedError, then run
 until everything passes. The book's solution is minilora/memory.py; try without it first.
 Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
-You write: `linear_shapes`, `count_parameters`, `lora_parameter_count` (exact parameter counts of a Llama),
+You write: `linear_shapes`, `parameter_counts`, `lora_parameter_count` (exact parameter counts of a Llama),
 `optimizer_state_bytes` (what AdamW keeps) and `quant_constant_bytes` (the absmax bytes of one NF4 tensor).
 Given (imported from minilora.memory, not part of the exercise): `architecture(config)` turns a preset
 name, a dict or a transformers LlamaConfig into an `Architecture` with fields hidden_size, intermediate_size,
@@ -28,7 +28,7 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
         "three MLP projections; nn.Linear stores (out, in).")
 
 
-def count_parameters(config) -> dict[str, int]:
+def parameter_counts(config) -> dict[str, int]:
     """Exact parameter count: {"linear", "embedding", "lm_head", "norm", "total"}."""
     raise NotImplementedError(
         "hint: the block linears of every layer, the embedding, lm_head (unless tied), the RMSNorm "
