@@ -66,12 +66,22 @@ test-portable: $(STAMP)
 	$(PORTABLE_ENV) MINILORA_CACHE=$$cache $(PY) -m pytest -q exercises --impl=reference -p no:cacheprovider && \
 	$(PORTABLE_ENV) MINILORA_CACHE=$$cache $(PY) -m pytest -q --nbval-lax notebooks -p no:cacheprovider
 
+# As root (containers, Colab-like machines) Jupyter refuses to start without --allow-root, so root gets it.
+# LAB_TOKEN: "auto" (Jupyter makes a random login token and prints the URL with it), "none" (no login, only
+# on a machine nobody else can reach) or a token of your own; jupyter-server 2's option IdentityProvider.token
+# (ServerApp.token is deprecated).
+LAB_TOKEN ?= auto
+LAB_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root) \
+            $(if $(filter none,$(LAB_TOKEN)),--IdentityProvider.token='', \
+              $(if $(filter auto,$(LAB_TOKEN)),,--IdentityProvider.token='$(LAB_TOKEN)'))
+
 lab: $(STAMP)
-	$(PY) -m jupyter lab notebooks
+	$(PY) -m jupyter lab notebooks $(strip $(LAB_ARGS))
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
+# Each stub's hint is printed once, at the first test that reaches it (exercises/conftest.py).
 exercises: $(STAMP)
 	$(PY) -m pytest exercises --impl=learner -v --tb=short
 

@@ -14,6 +14,7 @@ on the command line (or with environment variables, handy for instructors' scrip
 import importlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,15 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    """One clear message for a learner folder that is not there (not one error per test)."""
+    if config.getoption("--impl") == "learner":
+        folder = Path(config.getoption("--learner-dir"))
+        if not folder.is_dir():
+            raise pytest.UsageError(f"--learner-dir={folder}: no such folder (it should hold the learner's "
+                                    f"lora.py, nf4.py, ...; default {HERE / 'learner'})")
+
+
 def pytest_report_header(config):
     impl = config.getoption("--impl")
     where = "minilora (reference solution)" if impl == "reference" else config.getoption("--learner-dir")
@@ -45,11 +55,39 @@ def _load_learner_module(folder: Path, name: str):
     path = folder / f"{name}.py"
     if not path.is_file():
         raise FileNotFoundError(f"--learner-dir={folder}: no file {name}.py there (expected {path})")
-    # A unique module name per folder, so two students' files never shadow each other.
-    spec = importlib.util.spec_from_file_location(f"learner_{abs(hash(str(folder)))}_{name}", path)
+    # A unique module name per folder, so two students' files never shadow each other. The module is in
+    # sys.modules before its code runs, as for a normal import: @dataclass looks its own module up there
+    # (to resolve `from __future__ import annotations` strings) and fails on a module that is missing.
+    module_name = f"learner_{abs(hash(str(folder)))}_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
+
+
+# Each stub's hint once: a stub's NotImplementedError carries a long hint, and a dozen tests may reach the
+# same stub. The first failure shows it; later ones point back to it.
+_hints_shown: set = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is None or not call.excinfo.errisinstance(NotImplementedError):
+        return
+    stub = call.excinfo.traceback[-1]
+    where = (str(stub.path), stub.lineno)
+    if where in _hints_shown:
+        report.longrepr = (f"NotImplementedError: {Path(str(stub.path)).name}:{stub.lineno + 1} is still a stub "
+                           f"(its hint is shown at the first test that reached it)")
+    else:
+        _hints_shown.add(where)
 
 
 @pytest.fixture(scope="session")

@@ -4,25 +4,32 @@ The package is a house with floors; each module imports only from the floors bel
 
     floor 0   files       atomic file writes (temporary name, then rename)
               machine     where a number was measured (CPU capability, threads, versions); quiet log lines
-    floor 1   lora        the LoRA bypass h = W0 x + (α/r) B A x, injection, merging       (chapter 1)
+              checks      the shared checks of public arguments (an integer, a number in a range, a choice)
+    floor 1   bypass      what LoRA and AdaLoRA layers share, target matching, merging     (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
-              paged       a paged AdamW: optimizer state in pages, LRU pool, write-back    (chapter 5)
               architecture a Llama's shapes and exact parameter counts                    (chapter 7)
-              measure     bytes measured on a real model: saved activations, held state (chapter 7)
-              data        the running example: a tiny Llama and a new skill to teach it
-              checkpoints what a run writes: checkpoint pieces, the metrics file, the loss plot
-    floor 2   adalora     SVD-form updates P Λ Q, importance scores, the budget schedule   (chapter 2)
+              measure     bytes measured on a real model: saved activations, held state    (chapter 7)
+              page_pool   which page leaves a full pool (LRU), paging counters            (chapter 5)
+              loop        the one training step, sampler, evaluator and data class         (chapter 6)
+    floor 2   lora        the LoRA bypass h = W0 x + (α/r) B A x, add_lora, counts         (chapter 1)
+              svd_adapter AdaLoRA's layer P Λ Q, its config, the orthogonality penalty     (chapter 2)
+              paged       a paged AdamW: optimizer state in pages, write-back, prefetch     (chapter 5)
               double_quant   quantizing the quantization constants                       (chapter 4)
-              activations the bytes autograd saves for backward, tensor by tensor     (chapter 7)
-              instructions  JSONL instruction data → tokens → shuffled micro-batches
-    floor 3   memory      the memory model of a fine-tuning run                             (chapter 7)
+              activations the bytes autograd saves for backward, tensor by tensor          (chapter 7)
+              data        the running example: a tiny Llama and a new skill to teach it
+              options     every option of a training run, its default, help and check; recipes
+    floor 3   adalora     importance scores, the budget schedule, RankAllocator            (chapter 2)
+              memory      the memory model of a fine-tuning run                             (chapter 7)
               qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
               adapters    adapter files in peft's format, for LoRA and AdaLoRA
+              instructions  JSONL instruction data → token tensors
               distributed the loop under torchrun: DDP, FSDP over the adapter only           (chapter 7)
-    floor 4   train       the training loop and its command line                           (chapter 6)
+    floor 4   checkpoints the run folder, checkpoints, metrics file and loss plot
+              build       the pieces of a run from its options: model, method, data, optimizer, schedule
               plots       the charts the chapters share
               experiments the chapters' experiments: data types (ch. 6), forgetting (ch. 9)
-    floor 5   __main__    `python -m minilora demo`, the guided tour
+    floor 5   train       a training run and its command line                              (chapter 6)
+    floor 6   __main__    `python -m minilora demo`, the guided tour
 
 Everything a reader needs most is importable from here: `from minilora import add_lora, LoraConfig`.
 Each module has more (helpers, the readable reference kernels); import those from the module itself.
@@ -30,17 +37,9 @@ Each module has more (helpers, the readable reference kernels); import those fro
 
 from minilora.adalora import AdaLoraConfig, RankAllocator, SVDLinear, add_adalora, orthogonal_penalty
 from minilora.adapters import load_adapter, save_adapter
-from minilora.data import (
-    VOCAB,
-    TaskData,
-    build_tiny_llama,
-    evaluate,
-    finetune,
-    make_task,
-    pretrained_tiny_llama,
-    tiny_llama_config,
-)
+from minilora.data import VOCAB, build_tiny_llama, finetune, make_task, pretrained_tiny_llama, tiny_llama_config
 from minilora.double_quant import QuantizedWeight, double_dequantize, double_quantize, dynamic_map
+from minilora.loop import TokenData, evaluate, train_step
 from minilora.lora import (
     LoraConfig,
     LoRALinear,
@@ -68,8 +67,8 @@ __all__ = [
     "find_target_modules", "replace_module", "mark_only_lora_trainable",
     "save_adapter", "load_adapter",
     # the running example
-    "VOCAB", "TaskData", "make_task", "tiny_llama_config", "build_tiny_llama", "pretrained_tiny_llama",
-    "evaluate", "finetune",
+    "VOCAB", "TokenData", "make_task", "tiny_llama_config", "build_tiny_llama", "pretrained_tiny_llama",
+    "evaluate", "finetune", "train_step",
     # chapter 2: AdaLoRA
     "SVDLinear", "AdaLoraConfig", "RankAllocator", "add_adalora", "orthogonal_penalty",
     # chapters 3-4: NF4 and double quantization

@@ -33,6 +33,9 @@ STEPS = 120                 # fine-tuning steps for LoRA / full / AdaLoRA / QLoR
 BATCH_SIZE = 32
 LORA_LR = 1e-2              # LoRA's small matrices take a larger learning rate than full fine-tuning
 FULL_LR = 1e-3
+# The running example is tiny (hidden size 64): one thread is as fast as two, and it keeps the tour quick
+# on a busy machine, where competing threads would slow every small matmul down many times.
+THREADS = 1
 
 
 def running_example():
@@ -121,7 +124,7 @@ def peft_round_trip(adapter_dir: Path, probe: torch.Tensor, expected: torch.Tens
 
 
 def adalora_step(out: Path) -> str:
-    from minilora.adalora import AdaLoraConfig, add_adalora, orthogonal_penalty
+    from minilora.adalora import AdaLoraConfig, RankAllocator, add_adalora, orthogonal_penalty
     from minilora.data import finetune, pretrained_tiny_llama
     from minilora.plots import plot_rank_grid
 
@@ -129,7 +132,7 @@ def adalora_step(out: Path) -> str:
     config = AdaLoraConfig(init_r=8, target_r=2, tinit=10, tfinal=30, deltaT=5, total_step=STEPS,
                            lora_alpha=8, target_modules="all-linear")
     model = pretrained_tiny_llama()
-    allocator = add_adalora(model, config)
+    allocator = RankAllocator(add_adalora(model, config), config)
     budgets = []
 
     def after_step(step):
@@ -255,11 +258,12 @@ def paged_step(out: Path) -> str:
 def qlora_step(out: Path) -> str:
     from minilora.train import train
 
+    # The defaults of minilora.train are this recipe (minilora.options); spelled out, as the chapter does.
     result = train(method="qlora", model="tiny", r=8, lora_alpha=16, lora_dropout=0.0, target="all-linear",
                    lr=LORA_LR, max_steps=STEPS, batch_size=BATCH_SIZE, grad_accum=1, warmup_ratio=0.03,
                    max_grad_norm=0.3, optimizer="paged_adamw", gradient_checkpointing=True,
                    train_samples=TRAIN_EXAMPLES, eval_samples=EVAL_EXAMPLES, eval_every=0, save_every=0,
-                   output_dir=str(out / "qlora-run"), overwrite=True, progress=True)
+                   output_dir=str(out / "qlora-run"), overwrite=True, progress=True, threads=THREADS)
     final = result.final_eval or {}
     return "\n".join([
         "## 6. QLoRA (chapters/06-qlora.md)",
@@ -314,12 +318,18 @@ STEPS_OF_THE_TOUR = [
 def demo(out: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
+    from minilora.machine import describe_line
+
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar: noise in a log
     out.mkdir(parents=True, exist_ok=True)
+    where = describe_line()
+    print(f"running on: {where}", flush=True)
     sections = ["# minilora demo report", "",
                 "Produced by `python -m minilora demo` (`make demo`). Every number below was computed on this "
-                "machine by the functions the chapters describe.", ""]
+                "machine by the functions the chapters describe.", "",
+                f"Machine: {where}; torch threads: {torch.get_num_threads()}.", ""]
     started = time.perf_counter()
     for number, (title, step) in enumerate(STEPS_OF_THE_TOUR, start=1):
         print(f"[{number}/{len(STEPS_OF_THE_TOUR)}] {title}", flush=True)
@@ -340,9 +350,7 @@ def main(argv=None) -> int:
     tour = commands.add_parser("demo", help="the guided tour (CPU, a few minutes)")
     tour.add_argument("--out", default="runs/demo", help="folder for report.md and plots (default runs/demo)")
     args = parser.parse_args(argv)
-    # The running example is tiny (hidden size 64): one thread is as fast as two, and it keeps the tour
-    # quick on a busy machine, where competing threads would slow every small matmul down.
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     report = demo(Path(args.out))
     print(f"report written to {report}")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minilora.architecture import architecture, linear_shapes, resolve_targets
-
-METHODS = ("full", "lora", "qlora", "adalora")
+from minilora.architecture import METHODS, architecture, linear_shapes, resolve_targets
 
 
 def layer_activation_bytes(config: Any, tokens: int, method: str = "qlora", target: Any = "all-linear",

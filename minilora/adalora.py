@@ -13,10 +13,12 @@ Triplet i is (column i of P, Λ_i, row i of Q). Zeroing Λ_i removes exactly tha
 come back later if training makes Λ_i non-zero again. No SVD is ever computed: a penalty pushes P and Q
 towards orthonormal columns/rows (`orthogonal_penalty`), which is what makes "Λ_i small" mean "piece i small".
 
-Reading order: `SVDLinear` (one layer), `AdaLoraConfig`, `add_adalora`, `orthogonal_penalty`, then the
-three steps of the allocator as plain functions, `budget_schedule`, `update_importance` (+ `triplet_score`)
-and `mask_to_budget`, and finally `RankAllocator`, which strings them together once per training step:
+Reading order: `SVDLinear` (one layer), `AdaLoraConfig`, `add_adalora`, `orthogonal_penalty` (these four live
+in minilora.svd_adapter and are exported here), then the three steps of the allocator as plain functions,
+`budget_schedule`, `update_importance` (+ `triplet_score`) and `mask_to_budget`, and finally `RankAllocator`,
+which strings them together once per training step:
 
+    add_adalora(model, config); allocator = RankAllocator(model, config)
     loss = model(input_ids, labels=labels).loss + config.orth_reg_weight * orthogonal_penalty(model)
     loss.backward()
     optimizer.step()
@@ -31,219 +33,22 @@ error or warn instead (config validation; a forgotten `update_and_allocate`, pef
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from minilora.lora import (
-    LoRALinear,
-    check_hyperparameters,
-    check_target_modules,
-    find_target_modules,
-    mark_only_lora_trainable,
-    replace_module,
+from minilora.checks import is_int
+from minilora.svd_adapter import (  # the adapter itself; exported from here too, as chapter 2 teaches it
+    INIT_STD,
+    AdaLoraConfig,
+    SVDLinear,
+    add_adalora,
+    orthogonal_penalty,
+    svd_layers,
 )
 
-INIT_STD = 0.02  # A and B start as N(0, 0.02²) noise, E at zero (peft's and the paper's code)
-
-# ----------------------------------------------------------------------------------------------------
-# One layer
-# ----------------------------------------------------------------------------------------------------
-
-
-class SVDLinear(LoRALinear):
-    """h = base(x) + α/(ranknum + 1e-5) · P Λ Q dropout(x): LoRA's bypass with singular values in between.
-
-    `lora_A` = Q (r, in_features), `lora_E` = Λ (r, 1), `lora_B` = P (out_features, r), all trainable.
-    `scaling` = lora_alpha (not divided by r as in LoRA); the bypass is divided by `ranknum` instead, a
-    buffer fixed at the *initial* r. Masking or pruning triplets never changes it, so the surviving
-    triplets keep computing exactly what they did.
-
-    Init: Λ = 0 (the model starts unchanged), P and Q ~ N(0, 0.02²). Unlike LoRA's B = 0 init, P and Q are
-    both non-zero, so the gradient reaches Λ from the first step.
-
-    `rank_mask` (bool, one per triplet) is the allocator's latest verdict: False means that triplet's Λ was
-    zeroed at the last masking step. Merging (`merge`, `unmerge`, `minilora.lora.merge_lora`) is inherited
-    from LoRALinear and works unchanged through `delta_weight`.
-    """
-
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0):
-        # LoRALinear checks the arguments, freezes `base` and creates lora_A, lora_B and the dropout.
-        super().__init__(base, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-        self.scaling = lora_alpha
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=self.lora_A.device, dtype=self.lora_A.dtype))
-        self.register_buffer("ranknum", torch.tensor(float(r), device=self.lora_A.device), persistent=False)
-        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=self.lora_A.device),
-                             persistent=False)
-        self.reset_svd_parameters()
-
-    def reset_svd_parameters(self) -> None:
-        """Λ = 0, P and Q ~ N(0, 0.02²): ΔW = 0 at start, yet every parameter gets a gradient."""
-        with torch.no_grad():
-            self.lora_E.zero_()
-            nn.init.normal_(self.lora_A, mean=0.0, std=INIT_STD)
-            nn.init.normal_(self.lora_B, mean=0.0, std=INIT_STD)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
-        if self.merged:  # ΔW already sits inside the base weight
-            return result
-        x_lora = self.lora_dropout(x).to(self.lora_A.dtype)
-        # (x Qᵀ ⊙ Λ) Pᵀ in two thin matmuls; scaling α and 1/ranknum as in peft (same order of operations,
-        # so the floats agree bit for bit).
-        update = x_lora @ (self.lora_A * self.lora_E).T @ self.lora_B.T * self.scaling / (self.ranknum + 1e-5)
-        return (result + update).to(result.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = α/(ranknum + 1e-5) · P Λ Q, shape (out_features, in_features)."""
-        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
-
-    def keep_triplets(self, keep: torch.Tensor) -> None:
-        """Drop the triplets where `keep` is False for good: slice P, Λ, Q to the survivors.
-
-        `ranknum` stays at the initial r, so the output is unchanged when the dropped Λ_i were already zero
-        (which the allocator ensures in its final phase). Loading a pruned adapter uses this; a module may
-        end with r = 0 (its bypass then adds zeros). Build the optimizer afterwards: the parameters are new.
-        """
-        keep = torch.as_tensor(keep, dtype=torch.bool, device=self.lora_E.device).view(-1)
-        if keep.numel() != self.r:
-            raise ValueError(f"keep must have one entry per triplet (r={self.r}), got {keep.numel()} entries")
-        trainable = self.lora_A.requires_grad
-        self.lora_A = nn.Parameter(self.lora_A.detach()[keep].clone(), requires_grad=trainable)
-        self.lora_E = nn.Parameter(self.lora_E.detach()[keep].clone(), requires_grad=trainable)
-        self.lora_B = nn.Parameter(self.lora_B.detach()[:, keep].clone(), requires_grad=trainable)
-        self.r = int(keep.sum())
-        self.rank_mask = torch.ones(self.r, dtype=torch.bool, device=keep.device)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"ranknum={self.ranknum.item():g}, lora_alpha={self.lora_alpha}, merged={self.merged}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
-class AdaLoraConfig:
-    """AdaLoRA's hyper-parameters; names and defaults as peft's AdaLoraConfig.
-
-    The schedule has three phases over `total_step` steps (see `budget_schedule`):
-      warm-up   steps 0..tinit:                 every matrix keeps init_r triplets, scores accumulate;
-      decay     tinit < step < total_step-tfinal: the budget falls (cubic) from init_r·n to target_r·n,
-                                                 masking every `deltaT` steps;
-      final     the last `tfinal` steps:        the pattern is fixed, the kept triplets fine-tune.
-    `beta1`, `beta2`: EMA factors of sensitivity and uncertainty. `orth_reg_weight`: weight of the
-    orthogonality penalty in the loss. `lora_alpha`, `lora_dropout`, `target_modules`: as in LoRA.
-    """
-
-    init_r: int = 12
-    target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    total_step: int | None = None
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: str | tuple[str, ...] | list[str] = ("q_proj", "v_proj")
-
-    def __post_init__(self):
-        if not _is_int(self.total_step) or self.total_step <= 0:
-            raise ValueError(f"total_step must be given as an integer > 0 (the budget schedule is laid out "
-                             f"over the whole run), got total_step={self.total_step!r}")
-        for name in ("tinit", "tfinal"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {name}={value!r}")
-        if self.tinit + self.tfinal >= self.total_step:
-            raise ValueError(
-                f"tinit + tfinal must be < total_step to leave steps for the budget to decay, got "
-                f"tinit={self.tinit} + tfinal={self.tfinal} >= total_step={self.total_step}")
-        for name in ("init_r", "target_r", "deltaT"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
-        if self.target_r > self.init_r:
-            raise ValueError(f"target_r must be <= init_r (the budget only shrinks), got "
-                             f"target_r={self.target_r} > init_r={self.init_r}")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be an EMA factor in [0, 1), got {name}={value!r}")
-        if isinstance(self.orth_reg_weight, bool) or not isinstance(self.orth_reg_weight, (int, float)) \
-                or not self.orth_reg_weight >= 0:
-            raise ValueError(f"orth_reg_weight must be a number >= 0, "
-                             f"got orth_reg_weight={self.orth_reg_weight!r}")
-        # lora_alpha and lora_dropout follow LoRA's rules; init_r was checked above.
-        check_hyperparameters(self.init_r, self.lora_alpha, self.lora_dropout, init="kaiming")
-        check_target_modules(self.target_modules)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Whole models
-# ----------------------------------------------------------------------------------------------------
-
-
-def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
-    """{full name: SVDLinear} for every AdaLoRA layer in the model, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, SVDLinear)}
-
-
-def add_svd_layers(model: nn.Module, config: AdaLoraConfig) -> nn.Module:
-    """Wrap every target of `config` in an SVDLinear of rank init_r (in place), freeze everything else.
-
-    All new layers are built before any is put in, so a bad rank for one layer leaves the model untouched.
-    Training needs the allocator too: use `add_adalora`. (Loading a finished adapter uses this alone.)
-    """
-    if not isinstance(config, AdaLoraConfig):
-        raise TypeError(f"config must be a minilora.adalora.AdaLoraConfig, got {type(config).__name__}")
-    names = find_target_modules(model, config.target_modules)
-    new_layers = {}
-    for name in names:
-        try:
-            new_layers[name] = SVDLinear(model.get_submodule(name), r=config.init_r,
-                                         lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"module {name!r}: {err}") from err
-    for name, layer in new_layers.items():
-        replace_module(model, name, layer)
-    mark_only_lora_trainable(model)
-    return model
-
-
-def add_adalora(model: nn.Module, config: AdaLoraConfig) -> RankAllocator:
-    """`add_svd_layers`, then return the `RankAllocator` that must be called once per training step."""
-    add_svd_layers(model, config)
-    return RankAllocator(model, config)
-
-
-def orthogonal_penalty(model: nn.Module) -> torch.Tensor:
-    """R = mean over all P's and Q's of ||Q Qᵀ − I||_F and ||Pᵀ P − I||_F (the paper's R(P, Q)).
-
-    Plain Frobenius norms, not squared, averaged over 2 × (number of SVDLinear layers) terms, as the
-    reference code does. The training loss is task_loss + orth_reg_weight · R. Near R = 0 the rows of Q and
-    the columns of P are orthonormal, so P Λ Q behaves like an SVD and |Λ_i| measures triplet i's size.
-    """
-    layers = svd_layers(model)
-    if not layers:
-        raise ValueError(f"orthogonal_penalty: {type(model).__name__} has no SVDLinear layers "
-                         f"(did you call add_adalora?)")
-    terms = []
-    for layer in layers.values():
-        for gram in (layer.lora_A @ layer.lora_A.T, layer.lora_B.T @ layer.lora_B):  # both (r, r)
-            identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-            terms.append(torch.linalg.matrix_norm(gram - identity, ord="fro"))
-    return sum(terms) / len(terms)
-
+__all__ = ["INIT_STD", "AdaLoraConfig", "SVDLinear", "add_adalora", "orthogonal_penalty", "svd_layers",
+           "budget_schedule", "update_importance", "triplet_score", "mask_to_budget", "RankAllocator"]
 
 # ----------------------------------------------------------------------------------------------------
 # The allocator's three steps, as plain functions
@@ -336,7 +141,7 @@ class RankAllocator:
         self.layers = svd_layers(model)
         if not self.layers:
             raise ValueError(f"RankAllocator: {type(model).__name__} has no SVDLinear layers "
-                             f"(use add_adalora(model, config), which returns the allocator)")
+                             f"(call add_adalora(model, config) first)")
         self.init_budget = sum(layer.r for layer in self.layers.values())
         self.target_budget = config.target_r * len(self.layers)
         self.budget = self.init_budget
@@ -434,7 +239,7 @@ class RankAllocator:
           step > F:   re-apply the fixed pattern (the optimizer may have moved the zeroed Λ_i).
         If the call at F was skipped, the first later call fixes the pattern instead.
         """
-        if not _is_int(step) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got step={step!r}")
         if self.last_step is not None and step != self.last_step + 1:
             warnings.warn(f"update_and_allocate(step={step}) follows step={self.last_step}: call it once per "
@@ -458,6 +263,27 @@ class RankAllocator:
         self.budget = budget
         self._snapshot = self._all_E()
         return budget
+
+    # -- saving and resuming ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything the next allocation depends on: the EMAs, the phase, and every layer's rank mask."""
+        return {"exp_avg_ipt": dict(self.exp_avg_ipt), "exp_avg_unc": dict(self.exp_avg_unc),
+                "updates": self.updates, "budget": self.budget, "pattern_fixed": self.pattern_fixed,
+                "last_step": self.last_step,
+                "rank_masks": {name: layer.rank_mask.clone() for name, layer in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; call it after the adapter weights are back in place."""
+        if set(state["rank_masks"]) != set(self.layers):
+            raise ValueError(f"RankAllocator.load_state_dict: the saved layers differ from this model's "
+                             f"(e.g. {sorted(set(state['rank_masks']) ^ set(self.layers))[:3]})")
+        self.exp_avg_ipt, self.exp_avg_unc = dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
+        self.updates, self.budget = state["updates"], state["budget"]
+        self.pattern_fixed, self.last_step = state["pattern_fixed"], state["last_step"]
+        for name, layer in self.layers.items():
+            layer.rank_mask = state["rank_masks"][name].to(layer.rank_mask.device)
+        self._snapshot = self._all_E()
 
     def rank_grid(self) -> tuple[list[int], list[str], list[list[int]]]:
         """(layer numbers, module kinds, grid) with grid[i][j] = kept triplets of kind j in layer i.

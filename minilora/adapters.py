@@ -37,9 +37,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minilora.adalora import AdaLoraConfig, add_svd_layers, svd_layers
 from minilora.files import write_atomically
-from minilora.lora import LoraConfig, add_lora, check_base, find_target_modules, lora_layers
+from minilora.lora import LoraConfig, add_lora, find_target_modules, lora_layers, selected_modules
+from minilora.svd_adapter import AdaLoraConfig, add_adalora, svd_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,25 +51,31 @@ PREFIX = "base_model.model."   # PeftModel.base_model (LoraModel) .model (the or
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, config, task_type: str = "CAUSAL_LM") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, config, task_type: str | None = "infer") -> Path:
     """Write the adapter of `model` (trained with `config`) into folder `path` in peft's format; returns path.
+
+    `config` must describe the model's adapter layers exactly (the same modules, r and lora_alpha), or the
+    file would load as a different adapter. `task_type` tells peft which wrapper to build: "infer" (the
+    default) writes "CAUSAL_LM" for a model that can generate (it has `prepare_inputs_for_generation`) and
+    leaves it unset otherwise (an encoder such as BertModel then loads as a plain PeftModel); or give it.
 
     Each file is written under a temporary name in the same folder, then renamed over the old one, so a crash
     never leaves a half-written file under the real name.
     """
     if isinstance(config, LoraConfig):
-        _refuse_svd_layers(model, "save_adapter with a LoraConfig")
         tensors, config_json = lora_state(model, config)
     elif isinstance(config, AdaLoraConfig):
         tensors, config_json = adalora_state(model, config)
     else:
         raise TypeError(f"config must be a minilora LoraConfig or AdaLoraConfig, got {type(config).__name__}")
+    if task_type == "infer":
+        task_type = "CAUSAL_LM" if callable(getattr(model, "prepare_inputs_for_generation", None)) else None
     config_json["task_type"] = task_type
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     write_atomically(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_atomically(folder / CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n"))
+                     lambda tmp: Path(tmp).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n"))
     return folder
 
 
@@ -84,7 +90,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     tensors = read_adapter_tensors(folder)
     peft_type = config_json["peft_type"]
     if peft_type == "LORA":
-        _refuse_svd_layers(model, f"{folder / CONFIG_NAME} (peft_type 'LORA')")
         return load_lora_state(model, config_json, tensors, folder)
     if peft_type == "ADALORA":
         return load_adalora_state(model, config_json, tensors, folder)
@@ -92,12 +97,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                      f"(supported: 'LORA', 'ADALORA')")
 
 
-def _refuse_svd_layers(model: nn.Module, what: str) -> None:
-    # SVDLinear is a LoRALinear (it reuses LoRA's merge code), so lora_layers() finds it too; a LoRA file
-    # would then silently skip Λ. The adapter type must match the layers.
-    if svd_layers(model):
-        raise ValueError(f"{what}: the model has AdaLoRA layers (SVDLinear); use an AdaLoraConfig / an "
-                         f"ADALORA adapter for it")
+def check_config_matches(model: nn.Module, target_modules, layers: dict, kind: str) -> None:
+    """The config's target_modules must select exactly the modules that carry the layers (else peft would
+    rebuild the bypasses in other places than the saved weights come from)."""
+    selected = set(selected_modules(model, target_modules))
+    if selected != set(layers):
+        odd = sorted(selected ^ set(layers))
+        raise ValueError(f"save_adapter: target_modules={target_modules!r} does not select the model's {kind} "
+                         f"layers (they differ in {odd[:3]}); pass the config the layers were made with")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,7 +129,8 @@ def lora_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Te
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRALinear layers "
-                         f"(call add_lora first)")
+                         f"(call add_lora first; AdaLoRA layers need an AdaLoraConfig)")
+    check_config_matches(model, config.target_modules, layers, "LoRA")
     tensors = {}
     for name, layer in layers.items():
         if layer.r != config.r or layer.lora_alpha != config.lora_alpha:
@@ -146,17 +154,23 @@ def lora_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Te
     return tensors, config_json
 
 
-def lora_config_from_json(config_json: dict, config_file: Path) -> LoraConfig:
-    """A LoraConfig from adapter_config.json, refusing settings that would change the forward pass."""
-    for key in ("r", "lora_alpha", "target_modules"):
+def check_plain(config_json: dict, config_file: Path, required: tuple, kind: str, own: tuple = ()) -> None:
+    """The required fields are there, and every setting that would change the forward pass is plain
+    (`own`: settings the adapter type reads itself)."""
+    for key in required:
         if key not in config_json:
             raise ValueError(f"{config_file}: required field {key!r} is missing")
     plain_settings = {**LORA_PLAIN_SETTINGS, **{key: None for key in LORA_MUST_BE_EMPTY}}
     for key, plain in plain_settings.items():
         value = config_json.get(key, plain)
-        if value != plain and not (not value and not plain):   # None, False, {} and [] all mean "off"
+        if key not in own and value != plain and not (not value and not plain):  # None, False, {}, [] = off
             raise ValueError(f"{config_file}: {key}={value!r} is not supported by minilora "
-                             f"(plain LoRA needs {plain!r})")
+                             f"(plain {kind} needs {plain!r})")
+
+
+def lora_config_from_json(config_json: dict, config_file: Path) -> LoraConfig:
+    """A LoraConfig from adapter_config.json, refusing settings that would change the forward pass."""
+    check_plain(config_json, config_file, ("r", "lora_alpha", "target_modules"), "LoRA")
     init = config_json.get("init_lora_weights", True)
     targets = config_json["target_modules"]
     try:
@@ -183,8 +197,6 @@ def load_lora_state(model: nn.Module, config_json: dict, tensors: dict[str, torc
     else:        # plain model: the config says where the layers go
         try:
             names = find_target_modules(model, config.target_modules)
-            for name in names:
-                check_base(model.get_submodule(name), config.r)
         except (ValueError, TypeError) as err:
             raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
                             f"{type(model).__name__}: {err}") from err
@@ -198,7 +210,7 @@ def load_lora_state(model: nn.Module, config_json: dict, tensors: dict[str, torc
     check_tensors(tensors, shapes, weights_file)
 
     if not layers:
-        add_lora(model, config)
+        _add_layers(add_lora, model, config, config_file)
         layers = lora_layers(model)
     with torch.no_grad():
         for name, layer in layers.items():
@@ -226,6 +238,7 @@ def adalora_state(model: nn.Module, config: AdaLoraConfig) -> tuple[dict[str, to
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no SVDLinear layers "
                          f"(call add_adalora first)")
+    check_config_matches(model, config.target_modules, layers, "AdaLoRA")
     tensors, rank_pattern = {}, {}
     for name, layer in layers.items():
         if layer.ranknum.item() != config.init_r or layer.lora_alpha != config.lora_alpha:
@@ -257,16 +270,8 @@ def adalora_state(model: nn.Module, config: AdaLoraConfig) -> tuple[dict[str, to
 
 def adalora_config_from_json(config_json: dict, config_file: Path) -> tuple[AdaLoraConfig, dict | None]:
     """(AdaLoraConfig, rank_pattern or None) from adapter_config.json; refuses what we do not implement."""
-    for key in ("init_r", "lora_alpha", "target_modules", "total_step"):
-        if key not in config_json:
-            raise ValueError(f"{config_file}: required field {key!r} is missing")
-    plain_settings = {**LORA_PLAIN_SETTINGS, **{key: None for key in LORA_MUST_BE_EMPTY}}
-    del plain_settings["rank_pattern"]   # AdaLoRA's own, read below
-    for key, plain in plain_settings.items():
-        value = config_json.get(key, plain)
-        if value != plain and not (not value and not plain):   # None, False, {} and [] all mean "off"
-            raise ValueError(f"{config_file}: {key}={value!r} is not supported by minilora "
-                             f"(plain AdaLoRA needs {plain!r})")
+    check_plain(config_json, config_file, ("init_r", "lora_alpha", "target_modules", "total_step"), "AdaLoRA",
+                own=("rank_pattern",))   # AdaLoRA's own rank_pattern is read below
     targets = config_json["target_modules"]
     schedule = {key: config_json[key] for key in ADALORA_SCHEDULE_FIELDS if key in config_json}
     try:
@@ -298,8 +303,6 @@ def load_adalora_state(model: nn.Module, config_json: dict, tensors: dict[str, t
     else:
         try:
             names = find_target_modules(model, config.target_modules)
-            for name in names:
-                check_base(model.get_submodule(name), config.init_r)
         except (ValueError, TypeError) as err:
             raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
                             f"{type(model).__name__}: {err}") from err
@@ -329,7 +332,7 @@ def load_adalora_state(model: nn.Module, config_json: dict, tensors: dict[str, t
     check_tensors(tensors, shapes, weights_file)
 
     if not layers:
-        add_svd_layers(model, config)
+        _add_layers(add_adalora, model, config, config_file)
         layers = svd_layers(model)
     with torch.no_grad():
         for name, layer in layers.items():
@@ -337,6 +340,14 @@ def load_adalora_state(model: nn.Module, config_json: dict, tensors: dict[str, t
             for kind in ("lora_A", "lora_E", "lora_B"):
                 getattr(layer, kind).copy_(tensors[f"{PREFIX}{name}.{kind}"])
     return model
+
+
+def _add_layers(add, model: nn.Module, config, config_file: Path) -> None:
+    try:   # add_lora / add_adalora check every layer before changing any: a failure leaves the model as it was
+        add(model, config)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
+                        f"{type(model).__name__}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------------

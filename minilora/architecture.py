@@ -20,6 +20,7 @@ from typing import Any
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 LINEAR_NAMES = ATTENTION_LINEARS + MLP_LINEARS
+METHODS = ("full", "lora", "qlora", "adalora")  # what the book trains, and the memory model knows
 ADAPTER_METHODS = ("lora", "qlora", "adalora")
 
 # ------------------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ Caesar cipher. The pretrained model already has the hard part, the attention tha
 and lacks only the letter map. So it starts near 0 % on the new task, and a small change of its weights
 (exactly what LoRA offers) is enough to learn it.
 
-Reading order: the vocabulary and `encode`/`decode`; the tasks (`make_task`, `TaskData`); the model
-(`tiny_llama_config`, `build_tiny_llama`); `evaluate`; the training loop `finetune`; and finally
-`pretrained_tiny_llama`, which pretrains once with `finetune` itself and caches the weights on disk.
+Reading order: the vocabulary and `encode`/`decode`; the tasks (`make_task`, which returns the book's one data
+class, `minilora.loop.TokenData`); the model (`tiny_llama_config`, `build_tiny_llama`); `finetune`, a loop
+of `minilora.loop.train_step` (`evaluate` is `minilora.loop.evaluate`); and finally `pretrained_tiny_llama`,
+which pretrains once with `finetune` itself and caches the weights on disk.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from minilora.checks import check_choice, check_int, check_number
 from minilora.files import write_atomically
+from minilora.loop import Batches, Progress, TokenData, evaluate, train_step
 
 # -- vocabulary ------------------------------------------------------------------------------------------
 
@@ -71,50 +72,25 @@ def decode(ids) -> str:
 # -- tasks -----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TaskData:
-    """n examples of one task, all of the same length L = PROMPT_LEN + RESPONSE_LEN = 19.
-
-    `input_ids` (n, L) holds prompt and response; `labels` (n, L) is the same with every prompt position set
-    to -100, the index PyTorch's cross-entropy ignores, so the loss only counts the response tokens.
-    Index or slice it like a tensor (`data[:100]`, `data[idx]`) to get a smaller TaskData.
-    """
-
-    task: str
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    prompt_len: int = PROMPT_LEN
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def __getitem__(self, index) -> TaskData:
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return TaskData(self.task, self.input_ids[index], self.labels[index], self.prompt_len)
-
-    def text(self, i: int) -> str:
-        """Example i as text: "<bos>dankocfi<sep>ebolpdgj<eos>"."""
-        return decode(self.input_ids[i])
-
-
 def cipher(letters: torch.Tensor) -> torch.Tensor:
     """The new skill: move every letter one place on in the alphabet, wrapping around (a→b, …, p→a)."""
     return (letters - FIRST_LETTER_ID + 1) % len(LETTERS) + FIRST_LETTER_ID
 
 
-def make_task(task: str, n: int, seed: int) -> TaskData:
+def make_task(task: str, n: int, seed: int) -> TokenData:
     """n random examples of `task` ("pretrain": copy the string, "finetune": copy it through `cipher`).
+
+    Every example has length L = PROMPT_LEN + RESPONSE_LEN = 19: `input_ids` (n, L) holds prompt and
+    response; `labels` (n, L) is the same with every prompt position set to -100, the index PyTorch's
+    cross-entropy ignores, so the loss only counts the response tokens. `decode(data.input_ids[i])` shows
+    example i as text: "<bos>dankocfi<sep>ebolpdgj<eos>".
 
     The same (task, n, seed) always gives the same tensors; different seeds give independent examples (with
     16^8 ≈ 4.3e9 possible strings, a train and an eval set practically never share one).
     """
-    if task not in TASKS:
-        raise ValueError(f"make_task: task={task!r} is not one of {TASKS}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"make_task: n must be a positive integer, got n={n!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"make_task: seed must be an integer, got seed={seed!r}")
+    check_choice("task", task, TASKS)
+    check_int("n", n, 1)
+    check_int("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randint(FIRST_LETTER_ID, len(VOCAB), (n, SEQ_LEN), generator=generator)
     y = x if task == "pretrain" else cipher(x)
@@ -125,41 +101,17 @@ def make_task(task: str, n: int, seed: int) -> TaskData:
     input_ids = torch.cat([column(BOS_ID), x, column(SEP_ID), y, column(EOS_ID)], dim=1)
     labels = input_ids.clone()
     labels[:, :PROMPT_LEN] = -100
-    return TaskData(task, input_ids, labels)
-
-
-def task_to_jsonl_records(data: TaskData) -> list[dict]:
-    """One {"prompt": ..., "response": ...} dict per example (for JSONL files); encode(prompt + response)
-    gives the example's input_ids back."""
-    return [{"prompt": decode(row[:data.prompt_len]), "response": decode(row[data.prompt_len:])}
-            for row in data.input_ids]
-
-
-def records_to_task(records: list[dict], task: str = "finetune") -> TaskData:
-    """The inverse of `task_to_jsonl_records` (for training from a JSONL file of this task's examples)."""
-    rows, prompt_lens = [], set()
-    for i, record in enumerate(records):
-        prompt, response = encode(record["prompt"]), encode(record["response"])
-        if len(prompt) + len(response) != PROMPT_LEN + RESPONSE_LEN:
-            raise ValueError(f"records_to_task: record {i} has {len(prompt)} prompt + {len(response)} "
-                             f"response tokens; this task needs {PROMPT_LEN} + {RESPONSE_LEN}")
-        rows.append(prompt + response)
-        prompt_lens.add(len(prompt))
-    if prompt_lens != {PROMPT_LEN}:
-        raise ValueError(f"records_to_task: every prompt must have {PROMPT_LEN} tokens, "
-                         f"got prompts of {sorted(prompt_lens)} tokens")
-    input_ids = torch.tensor(rows, dtype=torch.long)
-    labels = input_ids.clone()
-    labels[:, :PROMPT_LEN] = -100
-    return TaskData(task, input_ids, labels)
+    return TokenData(input_ids, labels)
 
 
 # -- the model -------------------------------------------------------------------------------------------
 
 
-def tiny_llama_config(**overrides) -> LlamaConfig:
+def tiny_llama_config(**overrides):
     """A Llama with the module names of the real thing (q_proj … down_proj, lm_head), shrunk to 76,608
-    parameters. Keyword overrides go straight to LlamaConfig."""
+    parameters (a transformers LlamaConfig). Keyword overrides go straight to LlamaConfig."""
+    from transformers import LlamaConfig  # here, not at the top: `--help` and the floors below need no model
+
     settings = dict(
         vocab_size=len(VOCAB),
         hidden_size=64,
@@ -178,85 +130,45 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**settings)
 
 
-def build_tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+def build_tiny_llama(seed: int = 0, **overrides):
     """A randomly initialised tiny Llama; the same seed gives the same weights (global RNG left untouched)."""
+    from transformers import LlamaForCausalLM
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(tiny_llama_config(**overrides))
 
 
-# -- evaluation ------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model, data: TaskData, batch_size: int = 256) -> dict:
-    """{"loss": mean cross-entropy per response token, "accuracy": fraction of examples answered exactly}.
-
-    Accuracy is exact match under teacher forcing: an example counts only if the argmax prediction is right
-    at every response position (all 8 letters and <eos>). Because a greedy decoder that has been right so far
-    sees exactly the teacher-forced prefix, this equals the exact-match accuracy of greedy generation.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"evaluate: batch_size must be a positive integer, got batch_size={batch_size!r}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum, tokens, correct = 0.0, 0, 0
-    for start in range(0, len(data), batch_size):
-        batch = data[start:start + batch_size]
-        logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits.float()
-        logits, targets = logits[:, :-1], batch.labels[:, 1:].to(device)     # position t predicts token t+1
-        scored = targets != -100
-        loss_sum += torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum").item()
-        tokens += int(scored.sum())
-        right = (logits.argmax(-1) == targets) | ~scored
-        correct += int(right.all(dim=1).sum())
-    model.train(was_training)
-    return {"loss": loss_sum / tokens, "accuracy": correct / len(data)}
-
-
 # -- training --------------------------------------------------------------------------------------------
 
 
-def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
-    """(steps, batch_size) example indices: shuffled epochs, one after another, from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    epochs = -(-steps * batch_size // n)                                        # ceil division
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)])
-    return order[:steps * batch_size].view(steps, batch_size)
-
-
-def finetune(model, train_data: TaskData, steps: int, lr: float | None, batch_size: int = 32, seed: int = 0,
-             optimizer=None, after_step=None, eval_data: TaskData | None = None,
+def finetune(model, train_data: TokenData, steps: int, lr: float | None, batch_size: int = 32, seed: int = 0,
+             optimizer=None, after_step=None, eval_data: TokenData | None = None,
              eval_every: int | None = None, progress: bool = False, extra_loss=None) -> dict:
     """Train the parameters that have requires_grad on `train_data` for `steps` steps; returns the history.
 
-    One step: forward → loss on the response tokens (+ `extra_loss(model)` if given, e.g. AdaLoRA's
-    orthogonality penalty) → backward → optimizer.step() → `after_step(step)` → zero_grad(). `step` counts
-    from 0, and `after_step` sees the gradients (AdaLoRA's allocator needs them). The default optimizer is
-    AdamW(lr, weight_decay=0) over the trainable parameters; pass `optimizer` to use another (lr is then
-    unused). With `eval_data`, the model is evaluated before training, every `eval_every` steps and at the
-    end. Batches are drawn from shuffled epochs (`batch_order`), so the run is deterministic given `seed`.
+    Each step is `minilora.loop.train_step`, the loop of the whole book: forward → loss on the response
+    tokens (+ `extra_loss(model)` if given, e.g. AdaLoRA's orthogonality penalty) → backward →
+    optimizer.step() → `after_step(step)` → zero_grad(). `step` counts from 0, and `after_step` sees the
+    gradients (AdaLoRA's allocator needs them). The default optimizer is AdamW(lr, weight_decay=0) over the
+    trainable parameters; pass `optimizer` to use another (lr is then unused). With `eval_data`, the model is
+    evaluated before training, every `eval_every` steps and at the end. Batches come from shuffled epochs
+    (`minilora.loop.Batches`), so the run is deterministic given `seed`.
 
     Returns {"loss": [training loss of each step], "eval": [(steps done, eval loss, eval accuracy), ...]}.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"finetune: steps must be a positive integer, got steps={steps!r}")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(train_data):
-        raise ValueError(f"finetune: batch_size must be an integer in 1 … {len(train_data)} (the number of "
-                         f"training examples), got batch_size={batch_size!r}")
-    if eval_every is not None and (eval_data is None or not isinstance(eval_every, int) or eval_every < 1):
-        raise ValueError(f"finetune: eval_every={eval_every!r} needs eval_data and must be a positive "
-                         f"integer")
+    check_int("steps", steps, 1)
+    if eval_every is not None:
+        check_int("eval_every", eval_every, 1)
+        if eval_data is None:
+            raise ValueError(f"eval_every={eval_every!r} needs eval_data")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("finetune: the model has no parameter with requires_grad=True; nothing to train")
     if optimizer is None:
-        if lr is None or lr <= 0:
-            raise ValueError(f"finetune: lr must be > 0 when no optimizer is given, got lr={lr!r}")
+        check_number("lr", lr, 0, low_open=True, why=" when no optimizer is given")
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    device = next(model.parameters()).device
+    batches = Batches(train_data, batch_size, seed=seed)
     history = {"loss": [], "eval": []}
 
     def record_eval(steps_done):
@@ -265,31 +177,15 @@ def finetune(model, train_data: TaskData, steps: int, lr: float | None, batch_si
 
     if eval_data is not None:
         record_eval(0)
-    order = batch_order(len(train_data), steps, batch_size, seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="training", leave=False)
+    bar = Progress(steps, desc="finetune", enabled=progress)
     model.train()
     for step in range(steps):
-        batch = train_data[order[step]]
-        input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
-        loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss     # mean over response tokens
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step(step)
-        optimizer.zero_grad(set_to_none=True)
-        history["loss"].append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+        result = train_step(model, batches, optimizer, step, extra_loss=extra_loss, after_step=after_step)
+        history["loss"].append(result["loss"])
+        bar.update(loss=result["loss"])
         if eval_data is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
             record_eval(step + 1)
-    if bar is not None:
-        bar.close()
+    bar.close()
     return history
 
 
@@ -299,7 +195,7 @@ def finetune(model, train_data: TaskData, steps: int, lr: float | None, batch_si
 PRETRAIN = dict(model_seed=0, data_seed=0, steps=300, batch_size=64, lr=3e-3)
 
 
-def cache_key(config: LlamaConfig | None = None, pretrain: dict | None = None) -> str:
+def cache_key(config=None, pretrain: dict | None = None) -> str:
     """A short hash of the model config, the pretraining settings and the task definition."""
     config = tiny_llama_config() if config is None else config
     settings = config.to_dict()
@@ -316,7 +212,7 @@ def default_cache_dir() -> Path:
     return Path(__file__).resolve().parent.parent / ".cache" / "minilora"
 
 
-def pretrained_tiny_llama(cache_dir=None, progress: bool = False) -> LlamaForCausalLM:
+def pretrained_tiny_llama(cache_dir=None, progress: bool = False):
     """The tiny Llama after pretraining on the copy task (100 % exact match on it, ~0 % on "finetune").
 
     The first call trains it (300 steps, well under a minute on a CPU) with `finetune` and writes

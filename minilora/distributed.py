@@ -1,11 +1,12 @@
 """Beyond one GPU: the training loop under `torchrun`, with PyTorch's own DDP or FSDP.
 
-    torchrun --nproc_per_node 4 -m minilora.train --model <folder> --method qlora --distributed ddp ...
+    torchrun --nproc_per_node 4 -m minilora.train --recipe qlora-7b --model <folder> --distributed ddp ...
 
 `torchrun` starts one process per GPU and gives each its RANK, LOCAL_RANK and WORLD_SIZE in the environment.
 Every process builds the same model from the same seed, reads the same data order, and does its share of
-each optimizer step. `Distributed` is everything the loop in `minilora.train` needs to know about that; in a
-single process every method is a no-op, so the loop reads the same with or without it.
+each optimizer step. `Distributed` is everything the step (`minilora.loop.train_step`, through the methods of
+`minilora.loop.Job`) and the run (`minilora.train`) need to know about that; in a single process every
+method is the plain PyTorch call, so the loop reads the same with or without it.
 
 Who does what in one optimizer step (W processes, grad_accum = G micro-batches per step, G divisible by W):
 
@@ -67,9 +68,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minilora.loop import Job
 from minilora.lora import LoRALinear
-
-MODES = ("auto", "none", "ddp", "fsdp")
+from minilora.options import DISTRIBUTED_MODES as MODES
 
 
 def world_size_from_env() -> int:
@@ -103,8 +104,9 @@ def check_options(mode: str, method: str, grad_accum: int, world_size: int) -> N
 
 
 @dataclass
-class Distributed:
-    """This process's place in the job, and the few collective operations the training loop needs."""
+class Distributed(Job):
+    """This process's place in the job, and the few collective operations the training loop needs: the
+    methods of minilora.loop.Job that `train_step` calls, for DDP and FSDP, plus what checkpoints need."""
 
     mode: str = "none"  # "none", "ddp" or "fsdp"
     rank: int = 0
@@ -122,7 +124,7 @@ class Distributed:
     def active(self) -> bool:
         return self.mode != "none"
 
-    # --- data: which micro-batches are mine -------------------------------------------------------------
+    # --- what train_step asks (minilora.loop.Job) ------------------------------------------------------
 
     def is_mine(self, micro_batch: int) -> bool:
         """Micro-batch `micro_batch` (0 … grad_accum-1) of a step is computed by rank micro_batch % W."""
@@ -130,6 +132,45 @@ class Distributed:
 
     def micro_batches_per_rank(self, grad_accum: int) -> int:
         return grad_accum // self.world_size
+
+    def gradient_sync(self, forward_module: nn.Module, sync: bool):
+        """Context for one micro-batch's backward: sync=False skips the gradient reduction (the gradients
+        just accumulate locally); the last micro-batch of a step syncs. The result is the same either way,
+        only the communication differs."""
+        if self.mode == "ddp" and not sync:
+            return forward_module.no_sync()
+        if self.mode == "fsdp":
+            forward_module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def sum_over_ranks(self, value: float) -> float:
+        """Σ value over all ranks (e.g. the loss each rank summed over its micro-batches)."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float | None) -> float | None:
+        """As one process; under FSDP the total norm is a DTensor, made a plain number here."""
+        if max_norm is None:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        """FSDP: the optimizer updates each parameter's local shard (`optimizer_params`), so each shard first
+        gets the local part of its (already reduce-scattered, clipped) gradient."""
+        if self.mode == "fsdp":
+            for p, local in zip(params, self._opt_params):
+                local.grad = None if p.grad is None else p.grad.to_local()
+        optimizer.step()
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self.mode == "fsdp":
+            for p in params:
+                p.grad = None
 
     # --- the model ------------------------------------------------------------------------------------
 
@@ -167,52 +208,23 @@ class Distributed:
             if param.requires_grad:
                 dist.broadcast(param.data, src=0)
 
-    def gradient_sync(self, forward_module: nn.Module, sync: bool):
-        """Context for one micro-batch's backward: sync=False skips the gradient reduction (the gradients
-        just accumulate locally); the last micro-batch of a step syncs. The result is the same either way,
-        only the communication differs."""
-        if self.mode == "ddp" and not sync:
-            return forward_module.no_sync()
-        if self.mode == "fsdp":
-            forward_module.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-
-    # --- the optimizer works on plain tensors -----------------------------------------------------------
-
     def optimizer_params(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """What the optimizer updates: the parameters themselves, or under FSDP each parameter's local shard
         (a leaf tensor sharing storage with it, so updating it updates the sharded parameter)."""
-        if self.mode == "fsdp":
-            return [p.to_local().detach() for p in params]
-        return params
+        self._opt_params = [p.to_local().detach() for p in params] if self.mode == "fsdp" else params
+        return self._opt_params
 
-    def hand_gradients_to_optimizer(self, params: list[nn.Parameter], opt_params: list[torch.Tensor]) -> None:
-        """FSDP: give each local shard the local part of its (already reduce-scattered, clipped) gradient."""
-        if self.mode == "fsdp":
-            for p, local in zip(params, opt_params):
-                local.grad = None if p.grad is None else p.grad.to_local()
-
-    def zero_grad(self, params: list[nn.Parameter]) -> None:
-        if self.mode == "fsdp":
-            for p in params:
-                p.grad = None
-
-    # --- numbers every rank agrees on -------------------------------------------------------------------
-
-    def sum_over_ranks(self, value: float) -> float:
-        """Σ value over all ranks (e.g. the loss each rank summed over its micro-batches)."""
-        if not self.active:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return float(tensor.item())
-
-    @staticmethod
-    def as_float(value) -> float:
-        """A scalar tensor (or an FSDP DTensor, e.g. clip_grad_norm_'s total norm) as a Python float."""
-        if hasattr(value, "full_tensor"):
-            value = value.full_tensor()
-        return float(value)
+    def run_on_main(self, fn, *args):
+        """fn(*args) on rank 0 only (e.g. checking or creating the run folder); if it raises, every rank
+        raises too (instead of hanging in the next collective). Returns fn's result on rank 0, else None."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn(*args)
+            except (ValueError, OSError) as err:
+                error = err
+        self.broadcast_error(error)
+        return result
 
     def barrier(self) -> None:
         if self.active:

@@ -101,7 +101,7 @@ def _embed(model: nn.Module, tokens) -> torch.Tensor:
 
 # -- chapter 9: learning the new task, forgetting the old one ----------------------------------------------
 
-METHODS = {  # name -> (method, r, learning rate); lr as in the book's demo: LoRA's small matrices take more
+RUNS = {  # name -> (method, r, learning rate); lr as in the book's demo: LoRA's small matrices take more
     "full FT": ("full", None, 1e-3),
     "LoRA r=1": ("lora", 1, 1e-2),
     "LoRA r=4": ("lora", 4, 1e-2),
@@ -146,7 +146,7 @@ def learning_and_forgetting(steps: int = 30, eval_every: int = 3, seed: int = 0,
     new_task = split_by_first_letter("finetune", 512, seed=2, first_half=True)
     old_task = split_by_first_letter("pretrain", 512, seed=3, first_half=False)
     results = {}
-    for name, (method, r, lr) in (methods or METHODS).items():
+    for name, (method, r, lr) in (methods or RUNS).items():
         torch.manual_seed(seed)
         model = prepare(method, r)
         curve = []

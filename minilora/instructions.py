@@ -2,32 +2,33 @@
 with the loss on the response only, served as shuffled micro-batches that can restart at any position.
 
     read_jsonl (errors name the file and the line) → a tokenizer (CharTokenizer for the running example,
-    HFTokenizer for a Hugging Face model) → tokenize_records → TokenData → Batches
+    HFTokenizer for a Hugging Face model) → tokenize_records → minilora.loop.TokenData (→ loop.Batches)
 
-minilora.train reads its `--data` through these (`load_data`); scripts/qlora_7b.py uses them directly.
+minilora.build reads `--data` and `--eval-data` through these (`load_data`); scripts/qlora_7b.py uses them directly.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from minilora import data as running_example
+from minilora.loop import TokenData
 
 # ----------------------------------------------------------------------------------------------------
 # The JSONL reader
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path) -> list[dict]:
-    """[{"prompt": str, "response": str}, ...] from a JSONL file; errors name the file and the line."""
+def read_jsonl(path, option: str = "--data") -> list[dict]:
+    """[{"prompt": str, "response": str}, ...] from a JSONL file; errors name the option (`--data`,
+    `--eval-data`), the file and the line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data: no such file {str(path)!r} "
-                                f"(give 'running-example' or a JSONL file)")
+        raise FileNotFoundError(f"{option}: no such file {str(path)!r} (give a JSONL file of "
+                                f'{{"prompt": ..., "response": ...}} lines)')
     records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -82,7 +83,7 @@ class HFTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Token tensors and shuffled micro-batches
+# Token tensors
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -111,48 +112,3 @@ def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, source: s
         labels[i, :len(lab)] = torch.tensor(lab)
         attention_mask[i, :len(ids)] = 1
     return TokenData(input_ids, labels, attention_mask)
-
-
-@dataclass
-class TokenData:
-    """n examples, right-padded to a common length: input_ids, labels (-100 = not scored), attention_mask.
-
-    Right padding is harmless for a causal LM: a pad token sits after every real token, so no real token
-    attends to it, and its label is -100, so it adds nothing to the loss.
-    """
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The examples at `index`, trimmed to the longest one among them."""
-        mask = self.attention_mask[index]
-        length = int(mask.sum(dim=1).max())
-        return {"input_ids": self.input_ids[index, :length], "labels": self.labels[index, :length],
-                "attention_mask": mask[:, :length]}
-
-
-
-class Batches:
-    """Micro-batches in shuffled epochs. `position` (micro-batches served so far) is the loader's whole state:
-    epoch e's order is randperm(n) drawn from a generator seeded with seed + e, so any position can be
-    restarted exactly."""
-
-    def __init__(self, data: TokenData, batch_size: int, seed: int, position: int = 0):
-        if batch_size > len(data):
-            raise ValueError(f"--batch-size={batch_size} is larger than the {len(data)} training examples")
-        self.data, self.batch_size, self.seed, self.position = data, batch_size, seed, position
-        self.per_epoch = len(data) // batch_size  # a last partial batch is dropped
-        self._epoch, self._order = None, None
-
-    def next(self) -> dict[str, torch.Tensor]:
-        epoch, k = divmod(self.position, self.per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order = epoch, torch.randperm(len(self.data), generator=generator)
-        self.position += 1
-        return self.data.batch(self._order[k * self.batch_size:(k + 1) * self.batch_size])

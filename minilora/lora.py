@@ -8,22 +8,14 @@ LoRA bets that ΔW has low rank and writes it as a product of two thin matrices:
 W0 stays frozen; only A and B train, r · (d_in + d_out) numbers per layer instead of d_in · d_out. B starts at
 zero, so the wrapped model computes exactly what the pretrained one did until the first optimizer step.
 
-Reading order: `LoRALinear` (one layer), `LoraConfig` (which layers, which rank), the target-matching helpers
-(`find_target_modules`, `replace_module`, `mark_only_lora_trainable`, reused by minilora.adalora), then
-`add_lora`, `merge_lora` and `trainable_summary` for a whole model.
+Reading order: `LoRALinear` (one layer; what every bypass shares, the frozen base, the dropout and merging, is
+minilora.bypass.LowRankLinear), `LoraConfig` (which layers, which rank), then `add_lora` and
+`trainable_summary` for a whole model. The target-matching helpers (`find_target_modules`, `replace_module`,
+`mark_only_lora_trainable`) and `merge_lora` live in minilora.bypass, shared with AdaLoRA, and are exported
+here under the same names.
 
-The base-layer protocol
------------------------
-`LoRALinear` wraps an `nn.Linear`, or any module that behaves like one and offers:
-
-    in_features, out_features: int       the weight it stands for has shape (out_features, in_features)
-    bias: Tensor | None                  added by its own forward
-    dequantized_weight(dtype) -> Tensor  that full (out_features, in_features) weight, decoded into `dtype`
-
-That is how the 4-bit `minilora.qlora.Linear4bit` (QLoRA chapter) gets a LoRA bypass without this file
-importing it (imports in minilora only go downward). Such a base stores no float weight we could add ΔW to, so
-`LoRALinear.merge()` refuses it; `merge_lora` instead builds a fresh `nn.Linear` from
-`dequantized_weight + ΔW` (in bf16 unless told otherwise).
+A base layer may be an `nn.Linear` or anything that follows the base-layer protocol of minilora.bypass (the
+4-bit `minilora.qlora.Linear4bit` does).
 
 Everything here mirrors peft 0.21 (initialisation, scaling, which modules a target pattern picks, the
 parameter-count line), and tests/test_lora.py checks it against peft number for number.
@@ -32,15 +24,33 @@ parameter-count line), and tests/test_lora.py checks it against peft number for 
 from __future__ import annotations
 
 import math
-import re
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from minilora.bypass import (  # shared with AdaLoRA; exported from here too, as chapter 1 teaches them
+    ALL_LINEAR,
+    LowRankLinear,
+    check_base,
+    check_bypass_options,
+    check_target_modules,
+    find_target_modules,
+    is_linear_like,
+    mark_only_lora_trainable,
+    merge_lora,
+    replace_module,
+    selected_modules,
+    wrap_modules,
+)
+from minilora.checks import check_choice
+
+__all__ = ["ALL_LINEAR", "INITS", "LowRankLinear", "LoRALinear", "LoraConfig", "add_lora", "check_base",
+           "check_hyperparameters", "check_target_modules", "count_parameters", "find_target_modules",
+           "is_linear_like", "lora_layers", "mark_only_lora_trainable", "merge_lora", "replace_module",
+           "selected_modules", "trainable_summary", "wrap_modules"]
+
 INITS = ("kaiming", "gaussian")
-ALL_LINEAR = "all-linear"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -48,47 +58,10 @@ ALL_LINEAR = "all-linear"
 # ----------------------------------------------------------------------------------------------------
 
 
-def is_linear_like(module: nn.Module) -> bool:
-    """True for an nn.Linear or a module that follows the base-layer protocol in this file's docstring."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (
-        hasattr(module, "in_features")
-        and hasattr(module, "out_features")
-        and hasattr(module, "bias")
-        and callable(getattr(module, "dequantized_weight", None))
-    )
-
-
 def check_hyperparameters(r, lora_alpha, lora_dropout, init) -> None:
     """Raise ValueError naming the argument and value for anything LoRA cannot use."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an integer >= 1 (the rank of B A), got r={r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a number > 0 (the bypass is scaled by lora_alpha / r), "
-                         f"got lora_alpha={lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
-            or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be a probability in [0, 1), got lora_dropout={lora_dropout!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got init={init!r}")
-
-
-def check_base(base: nn.Module, r: int) -> None:
-    """Raise TypeError unless `base` can carry a bypass, ValueError if rank r cannot fit its weight."""
-    if not is_linear_like(base):
-        raise TypeError(f"base must be an nn.Linear (or follow the base-layer protocol of minilora.lora: "
-                        f"in_features, out_features, bias, dequantized_weight(dtype)), "
-                        f"got {type(base).__name__}")
-    if isinstance(base, nn.Linear) and not base.weight.is_floating_point():
-        raise TypeError(f"base weight must be a float tensor to add a LoRA update to it, "
-                        f"got dtype={base.weight.dtype}")
-    in_features, out_features = base.in_features, base.out_features
-    if r > min(in_features, out_features):
-        raise ValueError(
-            f"r={r} is larger than min(in_features, out_features) = min({in_features}, {out_features}); "
-            f"B A can never have rank above {min(in_features, out_features)}, so a larger r only adds "
-            f"parameters that buy nothing. Choose 1 <= r <= {min(in_features, out_features)}.")
+    check_bypass_options(r, lora_alpha, lora_dropout)
+    check_choice("init", init, INITS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,37 +69,22 @@ def check_base(base: nn.Module, r: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LowRankLinear):
     """h = base(x) + (α/r) · B A dropout(x), with `base` frozen and only A, B trainable (LoRA eq. 3).
 
     `lora_A` is (r, in_features), `lora_B` is (out_features, r), `scaling` = lora_alpha / r.
-    The adapter matrices live in float32 on the base layer's device, whatever the base's dtype: they are
-    small, and an optimizer updating bf16 numbers loses small steps to rounding (peft does the same). The
+    The adapter matrices live in float32 on the base layer's device, whatever the base's dtype. The
     bypass runs in lora_A's dtype and the sum is cast back to the base output's dtype, so bf16 inputs work.
     """
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  init: str = "kaiming"):
-        super().__init__()
         check_hyperparameters(r, lora_alpha, lora_dropout, init)
-        check_base(base, r)
-        in_features, out_features = base.in_features, base.out_features
-
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.r = r
-        self.lora_alpha = lora_alpha
+        super().__init__(base, r, lora_alpha, lora_dropout)   # checks the base, freezes it
         self.scaling = lora_alpha / r
-        self.in_features = in_features
-        self.out_features = out_features
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-
-        device = _device_of(base)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
+        self.lora_A = self.new_matrix(r, self.in_features)
+        self.lora_B = self.new_matrix(self.out_features, r)
         self.reset_lora_parameters(init)
-        self.merged = False
         self.train(base.training)   # a new module starts in training mode; follow the model it joins instead
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
@@ -136,8 +94,7 @@ class LoRALinear(nn.Module):
         a = sqrt(5)); "gaussian": A ~ N(0, σ²) with σ = 1/r (peft's "gaussian": standard deviation 1/r).
         A must not also be zero: with A = B = 0 both gradients vanish and nothing ever trains.
         """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got init={init!r}")
+        check_choice("init", init, INITS)
         with torch.no_grad():
             if init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -158,46 +115,13 @@ class LoRALinear(nn.Module):
         """ΔW = (α/r) · B A, shape (out_features, in_features), in the adapter's dtype."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    def merge(self) -> None:
-        """W0 ← W0 + ΔW in place: afterwards forward is one plain matmul (zero extra latency)."""
-        if self.merged:
-            raise RuntimeError("merge(): this LoRALinear is already merged; call unmerge() first")
-        weight = self._float_base_weight("merge")
-        with torch.no_grad():
-            weight += self.delta_weight().to(weight.dtype)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """W0 ← W0 − ΔW: back to separate base and bypass (exact up to float rounding)."""
-        if not self.merged:
-            raise RuntimeError("unmerge(): this LoRALinear is not merged")
-        weight = self._float_base_weight("unmerge")
-        with torch.no_grad():
-            weight -= self.delta_weight().to(weight.dtype)
-        self.merged = False
-
-    def _float_base_weight(self, what: str) -> torch.Tensor:
-        if not isinstance(self.base, nn.Linear):
-            raise TypeError(
-                f"{what}() needs an nn.Linear base with a float weight, but the base is a "
-                f"{type(self.base).__name__} (a quantized layer): W0 + ΔW cannot be written back into 4-bit "
-                f"codes without re-quantizing. Use merge_lora(model), which builds a new nn.Linear from "
-                f"dequantized_weight() + delta_weight().")
-        return self.base.weight
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}")
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------------------------------
-# Which layers: the config and the target-matching helpers
+# Which layers and which rank: the config
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -223,86 +147,6 @@ class LoraConfig:
         check_target_modules(self.target_modules)
 
 
-def check_target_modules(target_modules) -> None:
-    if isinstance(target_modules, str):
-        if target_modules.lower() == ALL_LINEAR:
-            return
-        try:
-            re.compile(target_modules)
-        except re.error as err:
-            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: "
-                             f"{err}") from err
-        return
-    if (not isinstance(target_modules, (list, tuple, set, frozenset)) or len(target_modules) == 0
-            or not all(isinstance(t, str) and t for t in target_modules)):
-        raise ValueError(f"target_modules must be a non-empty list/tuple of module names, a regex string or "
-                         f"'all-linear', got target_modules={target_modules!r}")
-
-
-def output_head_name(model: nn.Module) -> str | None:
-    """The name of the output head ("lm_head" in causal LMs), which "all-linear" leaves alone."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    for name, module in model.named_modules():
-        if head is not None and module is head:
-            return name
-        if head is None and (name == "lm_head" or name.endswith(".lm_head")):
-            return name
-    return None
-
-
-def _matches(name: str, target_modules) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def find_target_modules(model: nn.Module, target_modules) -> list[str]:
-    """Full names of the modules `target_modules` selects, in model order (peft's matching rules).
-
-    Raises ValueError when nothing matches (listing some names that do exist) and TypeError when a matched
-    module is not a Linear layer (or already carries a LoRA bypass).
-    """
-    check_target_modules(target_modules)
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        head = output_head_name(model)
-        inside_adapter = {f"{prefix}.{sub}" for prefix, m in model.named_modules()
-                          if isinstance(m, LoRALinear) for sub, _ in m.named_modules() if sub}
-        names = [name for name, module in model.named_modules()
-                 if is_linear_like(module) and name != head and name not in inside_adapter]
-    else:
-        names = [name for name, _ in model.named_modules() if name and _matches(name, target_modules)]
-    if not names:
-        short_names = {n.rsplit(".", 1)[-1]: is_linear_like(m) for n, m in model.named_modules() if n}
-        some = sorted(n for n, linear in short_names.items() if linear) or sorted(short_names)
-        raise ValueError(f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
-                         f"Linear layers it does have are named e.g. {some[:10]}")
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, LoRALinear):
-            raise TypeError(f"module {name!r} already has a LoRA bypass (LoRALinear); "
-                            f"was add_lora called twice?")
-        if not is_linear_like(module):
-            raise TypeError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
-                            f"LoRA here wraps only nn.Linear layers (or 4-bit Linear bases)")
-    return names
-
-
-def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
-    """Put `new_module` where the submodule called `name` ("model.layers.0.self_attn.q_proj") was."""
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not hasattr(parent, child_name):
-        raise ValueError(f"replace_module: {type(model).__name__} has no submodule named {name!r}")
-    setattr(parent, child_name, new_module)
-
-
-def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad = True exactly for parameters whose name contains "lora_"; everything else frozen."""
-    for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Whole models
 # ----------------------------------------------------------------------------------------------------
@@ -311,63 +155,20 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap every target of `config` in a LoRALinear (in place) and freeze everything else; returns `model`.
 
-    Every target is checked before any is replaced, so a bad rank for one layer leaves the model untouched.
+    All new layers are built (and so checked) before any is put in, so a bad rank for one layer leaves the
+    model untouched.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a minilora.lora.LoraConfig, got {type(config).__name__}")
-    names = find_target_modules(model, config.target_modules)
-    for name in names:   # check every target before touching any
-        try:
-            check_base(model.get_submodule(name), config.r)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"module {name!r}: {err}") from err
-    for name in names:
-        layer = LoRALinear(model.get_submodule(name), r=config.r, lora_alpha=config.lora_alpha,
-                           lora_dropout=config.lora_dropout, init=config.init)
-        replace_module(model, name, layer)
-    mark_only_lora_trainable(model)
+    wrap_modules(model, find_target_modules(model, config.target_modules),
+                 lambda base: LoRALinear(base, r=config.r, lora_alpha=config.lora_alpha,
+                                         lora_dropout=config.lora_dropout, init=config.init))
     return model
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """{full name: LoRALinear} for every bypass in the model."""
+    """{full name: LoRALinear} for every LoRA bypass in the model (AdaLoRA's SVDLinear layers are not)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Fold every bypass into its weight and put a plain nn.Linear back (peft's merge_and_unload).
-
-    For an nn.Linear base: W0 += ΔW and the base itself goes back. For a quantized (protocol) base: a new
-    nn.Linear in `dtype` holding dequantized_weight + ΔW, with a warning, since the merged weight inherits the
-    4-bit rounding of W0 (and is no longer 4-bit: it takes 16 bits per weight again).
-    """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"merge_lora: {type(model).__name__} has no LoRALinear layers to merge")
-    for name, layer in layers.items():
-        if isinstance(layer.base, nn.Linear):
-            if not layer.merged:
-                layer.merge()
-            replace_module(model, name, layer.base)
-        else:
-            replace_module(model, name, _merged_linear_from_quantized(name, layer, dtype))
-    return model
-
-
-def _merged_linear_from_quantized(name: str, layer: LoRALinear, dtype: torch.dtype) -> nn.Linear:
-    warnings.warn(f"merge_lora: {name!r} has a quantized base ({type(layer.base).__name__}); the merged "
-                  f"{dtype} weight is dequantize(W0) + ΔW and keeps W0's 4-bit rounding error",
-                  UserWarning, stacklevel=3)
-    base = layer.base
-    with torch.no_grad():
-        weight = base.dequantized_weight(torch.float32) + layer.delta_weight().float()
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
-                           device=weight.device, dtype=dtype)
-        merged.weight.copy_(weight)
-        if base.bias is not None:
-            merged.bias.copy_(base.bias)
-    merged.requires_grad_(False)
-    return merged
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -27,8 +27,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from minilora.activations import METHODS, activation_bytes
+from minilora.activations import activation_bytes
 from minilora.architecture import (
+    METHODS,
     architecture,
     count_parameter_tensors,
     linear_shapes,

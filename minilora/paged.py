@@ -20,8 +20,8 @@ prefetch overlaps the update of the current chunk. On CPU both the host store an
 memory: the same code runs (pages, LRU, write-back, prefetch order, accounting), the copies are synchronous,
 and nothing is saved; it is the mechanism, made visible and testable.
 
-Reading order: `adamw_update_page` (the maths), `LRUPool` (which page to evict), `PagingStats`, then
-`PagedAdamW` (step -> chunks -> page-in / prefetch / update), `state_dict` / `load_state_dict`.
+Reading order: `adamw_update_page` (the maths), minilora.page_pool (`LRUPool`: which page to evict;
+`PagingStats`), then `PagedAdamW` (step -> chunks -> page-in / prefetch / update), `state_dict` / `load_state_dict`.
 The numerics are those of torch.optim.AdamW (foreach=False), operation for operation; tests/test_paged.py
 checks equality with it and with bitsandbytes.optim.PagedAdamW32bit.
 """
@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
+
+from minilora.checks import check_int, check_number
+from minilora.page_pool import LRUPool, PagingStats
 
 STATE_BYTES_PER_ELEMENT = 8  # fp32 exp_avg (4 bytes) + fp32 exp_avg_sq (4 bytes)
 DEFAULT_PAGE_BYTES = 2 * 2**20  # 2 MiB, the large-page size CUDA unified memory migrates at most
@@ -76,122 +77,30 @@ def adamw_update_page(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Which page leaves: least recently used
-# ----------------------------------------------------------------------------------------------------
-
-
-class LRUPool:
-    """Bookkeeping for a pool of `capacity` slots (None: unbounded): which page sits in which slot.
-
-    Pure Python, no tensors: the pool decides, the optimizer moves the bytes. `slot_of` is ordered from least
-    to most recently used. Slots are created one by one until `capacity` exist, then reused: admitting a page
-    into a full pool evicts the least recently used page that is not `pinned` (pages the optimizer is about
-    to update or has just prefetched) and hands its slot over.
-    """
-
-    def __init__(self, capacity: int | None):
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
-                                     or capacity < 1):
-            raise ValueError(f"capacity must be None or an integer >= 1 (pages), got capacity={capacity!r}")
-        self.capacity = capacity
-        self.slot_of: OrderedDict = OrderedDict()  # page -> slot, least recently used first
-        self.num_slots = 0  # slots created so far; never more than capacity
-
-    def __contains__(self, page) -> bool:
-        return page in self.slot_of
-
-    def __len__(self) -> int:
-        return len(self.slot_of)
-
-    def touch(self, page) -> None:
-        """Record a use of resident `page`: it becomes the most recently used."""
-        self.slot_of.move_to_end(page)
-
-    def victim(self, pinned=()):
-        """The least recently used resident page that is not in `pinned`."""
-        for page in self.slot_of:
-            if page not in pinned:
-                return page
-        raise RuntimeError(f"all {len(self.slot_of)} resident pages are pinned: nothing can be evicted")
-
-    def admit(self, page, pinned=()) -> tuple[int, object]:
-        """Give non-resident `page` a slot; return (slot, evicted page or None). It becomes most recent."""
-        if page in self.slot_of:
-            raise ValueError(f"page {page!r} is already resident in slot {self.slot_of[page]}")
-        evicted = None
-        if self.capacity is None or self.num_slots < self.capacity:
-            slot = self.num_slots
-            self.num_slots += 1
-        else:
-            evicted = self.victim(pinned)
-            slot = self.slot_of.pop(evicted)
-        self.slot_of[page] = slot
-        return slot, evicted
-
-
-# ----------------------------------------------------------------------------------------------------
-# Accounting
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PagingStats:
-    """Counters since the optimizer was built, and one `trace` entry per step (the same counters per step).
-
-    bytes_moved counts whole pages in both directions: (page_ins + page_outs) · page_bytes.
-    pool_bytes = resident pages · page_bytes; peak_pool_bytes never exceeds the budget.
-    """
-
-    page_ins: int = 0
-    page_outs: int = 0
-    prefetched: int = 0  # page-ins issued ahead of need (a subset of page_ins)
-    new_pages: int = 0  # pages born zero-filled in the pool: no transfer
-    hits: int = 0  # pages already resident when needed
-    bytes_moved: int = 0
-    pool_bytes: int = 0
-    peak_pool_bytes: int = 0
-    trace: list = field(default_factory=list)
-
-    COUNTERS = ("page_ins", "page_outs", "prefetched", "new_pages", "hits", "bytes_moved")
-
-    def snapshot(self) -> dict:
-        return {name: getattr(self, name) for name in self.COUNTERS}
-
-
-# ----------------------------------------------------------------------------------------------------
 # Checking inputs
 # ----------------------------------------------------------------------------------------------------
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+def check_adamw_options(lr, betas, eps, weight_decay) -> None:
     """Raise ValueError naming the argument and value for anything AdamW cannot use."""
-    if not _is_number(lr) or not lr > 0:
-        raise ValueError(f"lr must be a number > 0, got lr={lr!r}")
-    if not _is_number(eps) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0 (it keeps m / (√v + eps) finite), got eps={eps!r}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2 \
-            or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+    check_number("lr", lr, 0, low_open=True)
+    check_number("eps", eps, 0, low_open=True, why=" (it keeps m / (√v + eps) finite)")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be two numbers in [0, 1) (decay rates of m and v), got betas={betas!r}")
-    if not _is_number(weight_decay) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got weight_decay={weight_decay!r}")
+    for name, beta in zip(("betas[0]", "betas[1]"), betas):
+        check_number(name, beta, 0, 1, high_open=True, why=" (decay rates of m and v)")
+    check_number("weight_decay", weight_decay, 0)
 
 
 def check_paging(page_bytes, device_budget_bytes) -> None:
     """Raise ValueError for a page size or device budget the pool cannot use."""
-    if isinstance(page_bytes, bool) or not isinstance(page_bytes, int) or page_bytes <= 0 \
-            or page_bytes % STATE_BYTES_PER_ELEMENT:
+    check_int("page_bytes", page_bytes, 1)
+    if page_bytes % STATE_BYTES_PER_ELEMENT:
         raise ValueError(f"page_bytes must be a positive multiple of {STATE_BYTES_PER_ELEMENT} (fp32 "
                          f"exp_avg + fp32 exp_avg_sq per element), got page_bytes={page_bytes!r}")
-    if device_budget_bytes is None:
-        return
-    if isinstance(device_budget_bytes, bool) or not isinstance(device_budget_bytes, int) \
-            or device_budget_bytes < page_bytes:
-        raise ValueError(f"device_budget_bytes must be None (no limit) or an integer >= page_bytes="
-                         f"{page_bytes} (room for one page), got device_budget_bytes={device_budget_bytes!r}")
+    if device_budget_bytes is not None:
+        check_int("device_budget_bytes", device_budget_bytes, page_bytes,
+                  why=" (room for one page; None: no limit)")
 
 
 def page_bytes_for(params) -> int:
@@ -202,6 +111,9 @@ def page_bytes_for(params) -> int:
     LoRA matrix whose moments need 8 KiB. Sizing the page to the parameters keeps LoRA's many small matrices
     cheap, and full fine-tuning's large ones still move in 2 MiB pieces.
     """
+    if not params:
+        raise ValueError("params is empty: PagedAdamW needs at least one tensor to optimize (did the model "
+                         "have no parameter with requires_grad=True?)")
     largest = max(p.numel() for p in params) * STATE_BYTES_PER_ELEMENT
     return min(DEFAULT_PAGE_BYTES, max(MIN_PAGE_BYTES, 1 << (largest - 1).bit_length()))
 
@@ -226,7 +138,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  page_bytes=None, device_budget_bytes=None):
-        check_hyperparameters(lr, betas, eps, weight_decay)
+        check_adamw_options(lr, betas, eps, weight_decay)
         if page_bytes is None:
             # params may be a generator (model.parameters()) or groups holding generators: read them once.
             params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
@@ -258,7 +170,7 @@ class PagedAdamW(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         settings = {k: param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")}
-        check_hyperparameters(**settings)
+        check_adamw_options(**settings)
         for p in params:
             self._check_param(p)
         super().add_param_group({**param_group, "params": params})
@@ -469,7 +381,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 if saved.get(unsupported):
                     raise ValueError(f"state_dict was saved with {unsupported}=True, which PagedAdamW lacks")
             settings = {k: saved[k] for k in ("lr", "eps", "weight_decay")} | {"betas": tuple(saved["betas"])}
-            check_hyperparameters(**settings)
+            check_adamw_options(**settings)
             group.update(settings)
             for p, index in zip(group["params"], saved["params"]):
                 if index in state_dict["state"]:

@@ -7,7 +7,7 @@
     # seconds on a CPU, no CUDA: the code path of the above on the book's tiny model (tests use it)
     python scripts/qlora_7b.py --config tiny --random-init --dry-run
 
-The recipe is the QLoRA paper's for 7B (the defaults of minilora.train.TrainConfig): NF4 with double
+The recipe is the QLoRA paper's for 7B (minilora.options.RECIPES["qlora-7b"]): NF4 with double
 quantization, LoRA r 64, α 16, dropout 0.1 on every linear layer but the head, lr 2e-4, max_grad_norm 0.3,
 paged AdamW, batch 1 × 16 gradient accumulation, gradient checkpointing, bf16 compute.
 
@@ -18,7 +18,8 @@ the 4-bit model plus one 16-bit layer (~0.4 GB), never the 13.5 GB of a bf16 7B.
 by transformers in bf16 into host memory and moved to the GPU layer by layer, quantizing as it goes.
 
 Both stacks quantize the same random weights (each layer is drawn from seed + layer index), then run the same
-timed loop (`run_steps`, the inner step of minilora.train.train): `warmup` optimizer steps, then `steps` timed
+timed loop (`run_steps`: minilora.loop.train_step, the step of minilora.train and of the notebooks):
+`warmup` optimizer steps, then `steps` timed
 ones. Reported per stack:
 
     peak memory   torch.cuda.max_memory_allocated over setup + training (what the memory model predicts)
@@ -34,6 +35,7 @@ ones. Reported per stack:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -49,25 +51,19 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 
 from minilora import memory  # noqa: E402
 from minilora.architecture import PRESETS  # noqa: E402
-from minilora.data import tiny_llama_config  # noqa: E402
-from minilora.instructions import (  # noqa: E402
-    Batches,
-    CharTokenizer,
-    HFTokenizer,
-    TokenData,
-    read_jsonl,
-    tokenize_records,
-)
-from minilora.lora import add_lora, count_parameters  # noqa: E402
-from minilora.qlora import prepare_for_kbit_training, quantize_model  # noqa: E402
-from minilora.train import (  # noqa: E402
-    TrainConfig,
+from minilora.build import (  # noqa: E402
+    adapter_config,
     build_optimizer,
     build_scheduler,
-    lora_config,
     resolve_compute_dtype,
     resolve_device,
 )
+from minilora.data import tiny_llama_config  # noqa: E402
+from minilora.instructions import CharTokenizer, HFTokenizer, read_jsonl, tokenize_records  # noqa: E402
+from minilora.loop import Batches, Job, TokenData, train_step  # noqa: E402
+from minilora.lora import add_lora, count_parameters  # noqa: E402
+from minilora.options import TrainConfig, make_config  # noqa: E402
+from minilora.qlora import prepare_for_kbit_training, quantize_model  # noqa: E402
 
 STACKS = ("minilora", "peft", "both")
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), NVIDIA datasheets; first matching name wins.
@@ -196,7 +192,7 @@ def setup_minilora(args, recipe: TrainConfig, device, compute_dtype):
         model = load_checkpoint_model(Path(args.model), device, compute_dtype, quantize)
     prepare_for_kbit_training(model, gradient_checkpointing=True)
     torch.manual_seed(args.seed)
-    add_lora(model, lora_config(recipe))
+    add_lora(model, adapter_config(recipe))
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, build_optimizer(params, recipe)  # minilora.paged.PagedAdamW
 
@@ -253,36 +249,38 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_steps(model, params, optimizer, scheduler, batches: Batches, recipe: TrainConfig, device, autocast_dtype,
-              steps: int, warmup: int) -> dict:
-    """`warmup` + `steps` optimizer steps of minilora.train's inner loop; times the last `steps`.
+class CountingBatches(Batches):
+    """minilora.loop.Batches that also counts the tokens it serves (attention-mask ones), for tokens/s."""
 
-    One step: grad_accum × (forward under bf16 autocast, backward of loss / grad_accum), clip to
-    max_grad_norm, optimizer and scheduler step, zero_grad.
-    """
-    use_autocast = autocast_dtype != torch.float32
-    losses, tokens, started = [], 0, None
+    tokens = 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        batch = super().next()
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def run_steps(model, optimizer, scheduler, batches: CountingBatches, recipe: TrainConfig, device, compute_dtype,
+              steps: int, warmup: int) -> dict:
+    """`warmup` + `steps` optimizer steps of minilora.loop.train_step (the loop of minilora.train); times the
+    last `steps`: grad_accum × (forward under bf16 autocast, backward of loss / grad_accum), clip to
+    max_grad_norm, optimizer and scheduler step, zero_grad."""
+    autocast = contextlib.nullcontext
+    if compute_dtype != torch.float32:
+        autocast = lambda: torch.autocast(device.type, dtype=compute_dtype)  # noqa: E731
+    job, losses, started = Job(device), [], None
     model.train()
     for step in range(warmup + steps):
         if step == warmup:
             _synchronize(device)
-            started, tokens = time.perf_counter(), 0
-        loss_sum = 0.0
-        for _ in range(recipe.grad_accum):
-            batch = {k: v.to(device) for k, v in batches.next().items()}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                loss = model(**batch).loss
-            (loss / recipe.grad_accum).backward()
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss_sum / recipe.grad_accum)
+            started, batches.tokens = time.perf_counter(), 0
+        result = train_step(model, batches, optimizer, step, grad_accum=recipe.grad_accum,
+                            max_grad_norm=recipe.max_grad_norm, scheduler=scheduler, job=job, autocast=autocast)
+        losses.append(result["loss"])
     _synchronize(device)
     seconds = time.perf_counter() - started
-    return {"losses": losses, "timed_tokens": tokens, "timed_seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"losses": losses, "timed_tokens": batches.tokens, "timed_seconds": seconds,
+            "tokens_per_s": batches.tokens / seconds}
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -315,10 +313,9 @@ def measure(stack: str, seq_len: int, args, recipe: TrainConfig, device: torch.d
     model, params, optimizer = setup(args, recipe, device, compute_dtype)
     setup_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     data = load_tokens(args, model.config.vocab_size, seq_len)
-    batches = Batches(data, recipe.batch_size, seed=args.seed)
+    batches = CountingBatches(data, recipe.batch_size, seed=args.seed)
     scheduler = build_scheduler(optimizer, recipe)
-    timing = run_steps(model, params, optimizer, scheduler, batches, recipe, device, compute_dtype,
-                       args.steps, args.warmup)
+    timing = run_steps(model, optimizer, scheduler, batches, recipe, device, compute_dtype, args.steps, args.warmup)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     trainable, _ = count_parameters(model)
     n = memory.parameter_counts(model.config)["total"]
@@ -373,7 +370,7 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    recipe = TrainConfig()
+    recipe = make_config(recipe="qlora-7b")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="local Hugging Face checkpoint folder (nothing is downloaded)")
@@ -437,9 +434,8 @@ def main(argv=None) -> int:
 
             args.model_config = (model_config(args.config, max(args.seq_len)) if args.config
                                  else AutoConfig.from_pretrained(args.model))
-        recipe = TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, r=args.r, lr=args.lr,
-                             max_steps=args.warmup + args.steps)
-        recipe.validate()
+        recipe = make_config(recipe="qlora-7b", batch_size=args.batch_size, grad_accum=args.grad_accum, r=args.r,
+                             lr=args.lr, max_steps=args.warmup + args.steps)
         stacks = ("minilora", "peft") if args.stack == "both" else (args.stack,)
         results = []
         for seq_len in args.seq_len:

@@ -76,7 +76,8 @@ def trained_pair():
     base = build_llama(seed=0)
     ours = copy.deepcopy(base)
     peft_model = peft_adalora(base)
-    allocator = add_adalora(ours, AdaLoraConfig(target_modules=TARGETS, **SCHEDULE))
+    config = AdaLoraConfig(target_modules=TARGETS, **SCHEDULE)
+    allocator = RankAllocator(add_adalora(ours, config), config)
     copy_peft_weights_into(ours, peft_model)
 
     opt_peft = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
@@ -254,7 +255,8 @@ def test_triplet_score_is_E_plus_row_and_column_means():
 
 def test_init_r_equal_target_r_trains_without_masking():
     model = build_llama()
-    allocator = add_adalora(model, AdaLoraConfig(init_r=4, target_r=4, total_step=4, tfinal=1))
+    config = AdaLoraConfig(init_r=4, target_r=4, total_step=4, tfinal=1)
+    allocator = RankAllocator(add_adalora(model, config), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     for step in range(4):
@@ -278,7 +280,8 @@ def _one_step(model, optimizer, ids):
 
 def test_warns_when_update_and_allocate_is_forgotten():
     model = build_llama()
-    allocator = add_adalora(model, AdaLoraConfig(total_step=10, target_r=4, init_r=6))
+    config = AdaLoraConfig(total_step=10, target_r=4, init_r=6)
+    allocator = RankAllocator(add_adalora(model, config), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
@@ -299,7 +302,8 @@ def test_warns_when_update_and_allocate_is_forgotten():
 
 def test_no_warning_for_eval_forwards_or_gradient_accumulation():
     model = build_llama()
-    allocator = add_adalora(model, AdaLoraConfig(total_step=10, target_r=4, init_r=6))
+    config = AdaLoraConfig(total_step=10, target_r=4, init_r=6)
+    allocator = RankAllocator(add_adalora(model, config), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
@@ -317,7 +321,8 @@ def test_no_warning_for_eval_forwards_or_gradient_accumulation():
 
 def test_update_and_allocate_without_gradients_is_a_clear_error():
     model = build_llama()
-    allocator = add_adalora(model, AdaLoraConfig(total_step=10))
+    config = AdaLoraConfig(total_step=10)
+    allocator = RankAllocator(add_adalora(model, config), config)
     with pytest.raises(RuntimeError, match="no gradient.*before optimizer.zero_grad"):
         allocator.update_and_allocate(0)
     with pytest.raises(ValueError, match="step must be an integer >= 0"):
@@ -325,18 +330,18 @@ def test_update_and_allocate_without_gradients_is_a_clear_error():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(), "total_step must be given"),
-    (dict(total_step=0), "total_step must be given"),
+    (dict(), "total_step must be an integer >= 1"),
+    (dict(total_step=0), "total_step must be an integer >= 1"),
     (dict(total_step=10, tinit=5, tfinal=5), r"tinit \+ tfinal must be < total_step"),
     (dict(total_step=10, init_r=4, target_r=8), "target_r must be <= init_r"),
     (dict(total_step=10, target_r=0), "target_r must be an integer >= 1"),
     (dict(total_step=10, init_r=0), "init_r must be an integer >= 1"),
     (dict(total_step=10, deltaT=0), "deltaT must be an integer >= 1"),
-    (dict(total_step=10, beta1=1.0), r"beta1 must be an EMA factor in \[0, 1\)"),
-    (dict(total_step=10, beta2=-0.1), r"beta2 must be an EMA factor in \[0, 1\)"),
-    (dict(total_step=10, orth_reg_weight=-1), "orth_reg_weight must be a number >= 0"),
-    (dict(total_step=10, lora_alpha=0), "lora_alpha must be a number > 0"),
-    (dict(total_step=10, lora_dropout=1.0), r"lora_dropout must be a probability in \[0, 1\)"),
+    (dict(total_step=10, beta1=1.0), r"beta1 must be a number in \[0, 1\) \(an EMA factor\)"),
+    (dict(total_step=10, beta2=-0.1), r"beta2 must be a number in \[0, 1\) \(an EMA factor\)"),
+    (dict(total_step=10, orth_reg_weight=-1), r"orth_reg_weight must be a number in \[0, ∞\)"),
+    (dict(total_step=10, lora_alpha=0), r"lora_alpha must be a number in \(0, ∞\)"),
+    (dict(total_step=10, lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\) \(a probability\)"),
     (dict(total_step=10, target_modules=[]), "target_modules must be a non-empty"),
 ])
 def test_config_validation_errors(kwargs, message):
@@ -415,7 +420,7 @@ def test_adapter_type_must_match_the_layers(trained_pair, tmp_path):
     from minilora.lora import LoraConfig, add_lora
 
     ours = trained_pair["ours"]
-    with pytest.raises(ValueError, match="has AdaLoRA layers"):
+    with pytest.raises(ValueError, match="no LoRALinear layers .*AdaLoRA layers need an AdaLoraConfig"):
         save_adapter(ours, tmp_path, LoraConfig())
     save_adapter(ours, tmp_path, trained_pair["allocator"].config)
     with pytest.raises(ValueError, match="cannot load into a model with LoRA layers"):
@@ -423,3 +428,30 @@ def test_adapter_type_must_match_the_layers(trained_pair, tmp_path):
     model = load_adapter(build_llama(), tmp_path)
     with pytest.raises(ValueError, match="does not fit"):          # its layers are pruned now
         load_adapter(model, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The allocator owns its state; SVDLinear is not a LoRALinear (issue 13)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_svd_layers_are_not_lora_layers():
+    from minilora.lora import LoRALinear, lora_layers
+
+    model = add_adalora(build_llama(), AdaLoraConfig(total_step=10, init_r=6, target_r=4))
+    assert svd_layers(model) and not lora_layers(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_allocator_state_dict_round_trip(trained_pair):
+    allocator = trained_pair["allocator"]
+    state = allocator.state_dict()
+    other = RankAllocator(copy.deepcopy(trained_pair["ours"]), allocator.config)
+    other.load_state_dict(state)
+    assert other.rank_pattern == allocator.rank_pattern
+    assert (other.budget, other.updates, other.pattern_fixed, other.last_step) == \
+        (allocator.budget, allocator.updates, allocator.pattern_fixed, allocator.last_step)
+    assert other.exp_avg_ipt.keys() == allocator.exp_avg_ipt.keys()
+    assert all(torch.equal(other.exp_avg_ipt[k], allocator.exp_avg_ipt[k]) for k in allocator.exp_avg_ipt)
+    with pytest.raises(ValueError, match="saved layers differ"):
+        other.load_state_dict(dict(state, rank_masks={}))

@@ -218,3 +218,47 @@ def test_mismatched_model_and_bad_calls(tiny_llama, tmp_path):
         save_adapter(ours, tmp_path / "x", LoraConfig(r=8, lora_alpha=16))
     with pytest.raises(TypeError, match="LoraConfig"):
         save_adapter(ours, tmp_path / "x", {"r": 4})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Defects found by trying the API as a new user (issue 13)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_encoder_adapter_leaves_task_type_unset_and_loads_in_peft(tmp_path):
+    """A BertModel cannot generate: a CAUSAL_LM task type made peft fail with 'BertModel' object has no
+    attribute 'prepare_inputs_for_generation'. The task type is inferred from the model now."""
+    from transformers import BertConfig, BertModel
+
+    def bert():
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64)).eval()
+
+    config = LoraConfig(r=4, target_modules=("query", "value"))
+    ours = add_lora(bert(), config)
+    for layer in lora_layers(ours).values():
+        torch.nn.init.normal_(layer.lora_B)
+    save_adapter(ours, tmp_path, config)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None
+    theirs = peft.PeftModel.from_pretrained(bert(), tmp_path)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).last_hidden_state, ours(input_ids=ids).last_hidden_state)
+
+
+def test_causal_lm_task_type_is_inferred_and_can_be_given(tiny_llama, tmp_path):
+    model, config = trained_ours(tiny_llama)
+    save_adapter(model, tmp_path / "a", config)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    save_adapter(model, tmp_path / "b", config, task_type=None)
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["task_type"] is None
+
+
+def test_config_that_does_not_describe_the_layers_is_refused(tiny_llama, tmp_path):
+    model, _ = trained_ours(tiny_llama)   # q_proj and v_proj
+    with pytest.raises(ValueError, match=r"target_modules=\('k_proj',\) does not select the model's LoRA"):
+        save_adapter(model, tmp_path, LoraConfig(r=4, lora_alpha=16, target_modules=("k_proj",)))
+    with pytest.raises(ValueError, match="does not select"):
+        save_adapter(model, tmp_path, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+    assert not (tmp_path / "adapter_config.json").exists()

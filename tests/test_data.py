@@ -16,8 +16,6 @@ from minilora.data import (
     finetune,
     make_task,
     pretrained_tiny_llama,
-    records_to_task,
-    task_to_jsonl_records,
     tiny_llama_config,
 )
 
@@ -57,7 +55,7 @@ def test_make_task_is_deterministic_given_the_seed():
 def test_layout_and_label_masking(task):
     d = make_task(task, 50, seed=0)
     assert d.input_ids.shape == d.labels.shape == (50, L) and d.input_ids.dtype == torch.long
-    assert len(d) == 50 and d.prompt_len == PROMPT_LEN
+    assert len(d) == 50
     ids = d.input_ids
     assert (ids[:, 0] == VOCAB.index("<bos>")).all()
     assert (ids[:, PROMPT_LEN - 1] == VOCAB.index("<sep>")).all()
@@ -69,15 +67,12 @@ def test_layout_and_label_masking(task):
     assert torch.equal(d.labels[:, PROMPT_LEN:], ids[:, PROMPT_LEN:])
 
 
-def test_cipher_text_and_jsonl_round_trip():
+def test_cipher_text_and_slices():
     assert decode(cipher(torch.tensor(encode("abop")))) == "bcpa"
     d = make_task("finetune", 5, seed=1)
-    assert encode(d.text(0)) == d.input_ids[0].tolist()
-    records = task_to_jsonl_records(d)
-    assert records[0]["prompt"].startswith("<bos>") and records[0]["prompt"].endswith("<sep>")
-    assert records[0]["response"].endswith("<eos>")
-    back = records_to_task(records)
-    assert torch.equal(back.input_ids, d.input_ids) and torch.equal(back.labels, d.labels)
+    text = decode(d.input_ids[0])
+    assert text.startswith("<bos>") and text.endswith("<eos>") and encode(text) == d.input_ids[0].tolist()
+    assert d.attention_mask.shape == d.input_ids.shape and bool(d.attention_mask.all())
     sub = d[1:3]
     assert len(sub) == 2 and torch.equal(sub.input_ids, d.input_ids[1:3]) and len(d[-1]) == 1
 
@@ -89,8 +84,6 @@ def test_bad_inputs_raise_with_the_value_in_the_message():
         make_task("finetune", 0, 0)
     with pytest.raises(ValueError, match="'z'"):
         encode("<bos>az")
-    with pytest.raises(ValueError, match="needs"):
-        records_to_task([{"prompt": "<bos>ab<sep>", "response": "bc<eos>"}])
 
 
 # -- model, cache ----------------------------------------------------------------------------------------

@@ -53,3 +53,8 @@ def test_quantization_and_paging_numbers(report):
     assert "(≤ budget: True)" in text
     paged_vs_torch = float(re.search(r"loss\(torch AdamW\)\| over 30 steps: (\S+)", text).group(1))
     assert paged_vs_torch <= 1e-6
+
+
+def test_report_says_where_it_ran(report):
+    _, text = report
+    assert re.search(r"Machine: CPU \S+ \(.*\), \d+ thread\(s\), load [\d.]+, .*torch .*; torch threads: 1\.", text)

@@ -49,3 +49,36 @@ def test_python_version_agrees():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["requires-python"] == ">=3.10"
     assert "python>=3.10" in (ROOT / "environment.yml").read_text()
+
+
+# -- make lab (issue 13: as root it exited with "Running as root is not recommended") ---------------------
+
+
+def _make_lab(*options: str) -> str:
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(["make", "-n", "lab", "PY=python", "STAMP=Makefile", *options], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_make_lab_allows_root_and_uses_the_current_token_option():
+    import os
+
+    command = _make_lab()
+    assert command.startswith("python -m jupyter lab notebooks")
+    assert ("--allow-root" in command) == (os.geteuid() == 0)
+    assert "token" not in command  # default: Jupyter's own random token
+    assert _make_lab("LAB_TOKEN=none").endswith("--IdentityProvider.token=''")
+    assert _make_lab("LAB_TOKEN=s3cret").endswith("--IdentityProvider.token='s3cret'")
+
+
+def test_the_lab_options_exist_in_jupyter_server():
+    serverapp = pytest.importorskip("jupyter_server.serverapp")
+    identity = pytest.importorskip("jupyter_server.auth.identity")
+    assert serverapp.ServerApp.class_traits()["allow_root"] is not None
+    assert "token" in identity.IdentityProvider.class_traits()

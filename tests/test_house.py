@@ -13,16 +13,28 @@ PACKAGE = Path(minilora.__file__).resolve().parent
 FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
-    "lora": 1, "nf4": 1, "paged": 1, "architecture": 1, "measure": 1, "data": 1,
-    "checkpoints": 1,
-    "adalora": 2, "double_quant": 2, "activations": 2,
-    "instructions": 2,
-    "memory": 3,
-    "plots": 4,
-    "qlora": 3, "adapters": 3,
+    "checks": 0,  # the shared checks of public arguments
+    "bypass": 1,  # what LoRA and AdaLoRA layers share; which layers get one; merging
+    "nf4": 1,
+    "architecture": 1,  # model shapes, presets and parameter counts (the memory model's first step)
+    "measure": 1,  # bytes a real model saves for backward and holds while training
+    "page_pool": 1,  # the paged optimizer's pool bookkeeping (LRU) and counters
+    "loop": 1,  # the one training step, sampler, evaluator and data class
+    "lora": 2,
+    "svd_adapter": 2,  # AdaLoRA's layer, config and penalty (the allocator is adalora's)
+    "paged": 2, "double_quant": 2,
+    "activations": 2,  # the activation model, tensor by tensor
+    "data": 2,  # the running example (its finetune is a loop of loop.train_step)
+    "options": 2,  # every option of a run
+    "adalora": 3, "qlora": 3, "adapters": 3,
+    "instructions": 3,
     "distributed": 3,
-    "train": 4, "experiments": 4,  # the chapters' experiments: short real runs (chapters 6 and 9)
-    "__main__": 5,
+    "memory": 3,  # the estimate: weights, adapters, gradients, optimizer state, scores, activations
+    "checkpoints": 4,  # the run folder and checkpoints (they hold peft-format adapters)
+    "build": 4,  # the pieces of a run, built from its options
+    "plots": 4,  # the charts the chapters share (the memory chart draws memory's reports)
+    "experiments": 4,  # the chapters' experiments: short real runs (chapters 6 and 9)
+    "train": 5, "__main__": 6,
 }
 
 

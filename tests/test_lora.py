@@ -212,7 +212,7 @@ def test_merge_lora_equals_peft_merge_and_unload(token_ids, tiny_llama):
     assert ours.state_dict().keys() == tiny_llama().state_dict().keys()
     for key, value in unloaded.state_dict().items():
         assert torch.allclose(ours.state_dict()[key], value, atol=1e-6), key
-    with pytest.raises(ValueError, match="no LoRALinear"):
+    with pytest.raises(ValueError, match="no LoRA or AdaLoRA layers"):
         merge_lora(ours)
 
 
@@ -250,7 +250,7 @@ def test_protocol_base_forward_and_merge_lora():
     with pytest.raises(TypeError, match="merge_lora"):
         layer.merge()
     with pytest.warns(UserWarning, match="rounding"):
-        merge_lora(model)
+        merge_lora(model, dtype=torch.bfloat16)
     merged = model[0]
     assert type(merged) is nn.Linear and merged.weight.dtype == torch.bfloat16
     assert torch.equal(merged.weight, (W + layer.delta_weight()).detach().to(torch.bfloat16))
@@ -390,3 +390,35 @@ def test_summary_on_4bit_model_equals_peft_on_bitsandbytes(tiny_llama):
     pm = peft_model(theirs, target_modules="all-linear")
     assert trainable_summary(ours) == peft_summary(pm) == \
         "trainable params: 4,096 || all params: 26,784 || trainable%: 15.2927"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Defects found by trying the API as a new user (issue 13)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_target_entry_that_matches_nothing_is_an_error(tiny_llama):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"entries \['v_prj'\] of target_modules=.*matched no module"):
+        add_lora(model, LoraConfig(target_modules=("q_proj", "v_prj")))
+    assert not lora_layers(model)
+
+
+def test_merging_a_qlora_model_warns_once_and_runs_on_the_same_inputs(tiny_llama, token_ids):
+    from minilora.qlora import quantize_model
+
+    model = add_lora(quantize_model(tiny_llama()), LoraConfig(r=4, target_modules="all-linear"))
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.02)
+    with torch.no_grad():
+        before = model(token_ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_lora(model)
+    assert len([w for w in caught if "merge_lora" in str(w.message)]) == 1   # not one per layer (14 here)
+    with torch.no_grad():
+        after = model(token_ids).logits   # fp32 input ids, fp32 embeddings: merged fp32 weights
+    assert after.dtype == before.dtype == torch.float32
+    # Before: x rounded to bf16 (Linear4bit's compute dtype) times bf16 Ŵ; after: fp32 x times fp32 Ŵ + ΔW.
+    # Logits of size ~1 then differ by bf16 rounding of the activations, a few 1e-3.
+    torch.testing.assert_close(after, before, rtol=0, atol=3e-2)

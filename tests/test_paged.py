@@ -327,3 +327,11 @@ def test_default_page_fits_the_largest_parameter():
     assert optimizer.state_bytes == 4 * 8192  # one 8 KiB page per matrix, not 4 × 2 MiB
     grouped = PagedAdamW([{"params": iter(lora[:2]), "lr": 1e-2}, {"params": iter(lora[2:])}])
     assert grouped.page_bytes == 8192 and len(grouped.param_groups[0]["params"]) == 2
+
+
+def test_empty_parameter_list_is_a_clear_error():
+    # It used to fail with "max() arg is an empty sequence".
+    with pytest.raises(ValueError, match="params is empty"):
+        PagedAdamW([])
+    with pytest.raises(ValueError, match="params is empty"):
+        PagedAdamW([p for p in small_model().parameters() if not p.requires_grad])

@@ -68,7 +68,7 @@ def test_random_model_is_built_layer_by_layer_and_deterministic():
 
 def test_markdown_table_and_predictions():
     config = qlora_7b.model_config("llama-7b", seq_len=512)
-    recipe = qlora_7b.TrainConfig()
+    recipe = qlora_7b.make_config(recipe="qlora-7b")
     ours = qlora_7b.predicted_bytes(config, recipe, 512, "minilora")
     peft = qlora_7b.predicted_bytes(config, recipe, 512, "peft")
     # peft's prepare_model_for_kbit_training casts every weight that is not 4-bit (embeddings, head, norms) to

@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from minilora.build import lr_factor
 from minilora.checkpoints import read_metrics
+from minilora.options import HELP, RECIPES, TrainConfig
 from minilora.qlora import Linear4bit
-from minilora.train import TrainConfig, build_parser, lr_factor, main, make_config, train
+from minilora.train import build_parser, main, make_config, parse_args, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,15 +22,39 @@ QUICK = dict(model="tiny", batch_size=8, grad_accum=2, train_samples=256, eval_s
              max_grad_norm=1.0, warmup_ratio=0.0, r=4, lora_alpha=8, lora_dropout=0.1, progress=False)
 
 
-def test_cli_defaults_are_the_qlora_7b_recipe():
-    args = build_parser().parse_args([])
+def test_the_qlora_7b_recipe_is_chosen_explicitly():
+    args = parse_args(["--recipe", "qlora-7b"])
     assert (args.method, args.r, args.lora_alpha, args.lora_dropout, args.target) == \
         ("qlora", 64, 16, 0.1, "all-linear")
     assert (args.lr, args.schedule, args.warmup_ratio, args.max_grad_norm, args.optimizer) == \
         (2e-4, "constant", 0.03, 0.3, "paged_adamw")
     assert (args.batch_size, args.grad_accum, args.gradient_checkpointing) == (1, 16, True)
     assert (args.quant_type, args.double_quant, args.blocksize) == ("nf4", True, 64)
-    assert make_config(args) == TrainConfig()
+    assert make_config(args) == make_config(recipe="qlora-7b") == TrainConfig(recipe="qlora-7b", **RECIPES["qlora-7b"])
+    assert parse_args(["--recipe", "qlora-7b", "--r", "16"]).r == 16  # an explicit option wins
+    assert make_config(recipe="qlora-7b", r=16).r == 16
+    assert make_config(parse_args([])) == TrainConfig()  # no recipe: the running example's defaults
+    with pytest.raises(ValueError, match="--recipe must be one of"):
+        make_config(recipe="qlora-70b")
+
+
+def test_every_option_has_help_and_shows_its_default():
+    text = build_parser().format_help()
+    for name, value in vars(parse_args([])).items():
+        assert HELP[name].strip(), name
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, flag
+    assert text.count("(default:") >= len(HELP) - 1  # every option but --eval-data (None) names its default
+
+
+def test_help_imports_no_model_library():
+    """--help took 7.5 s, most of it importing transformers; it must need no model library now."""
+    code = ("import sys\nfrom minilora.train import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nprint(sorted(m for m in ('transformers', 'peft', 'bitsandbytes', 'matplotlib') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "--lora-alpha" in done.stdout and done.stdout.strip().endswith("[]")
 
 
 def test_lr_schedule():
@@ -138,16 +165,19 @@ def test_qlora_learns_the_running_example(tmp_path):
     assert result.model_bytes < 0.75 * 4 * result.all_params  # 4-bit blocks: well below fp32
 
 
-def test_cli_smoke(tmp_path):
-    cmd = [sys.executable, "-m", "minilora.train", "--model", "tiny", "--method", "qlora", "--max-steps", "2",
-           "--batch-size", "4", "--grad-accum", "1", "--train-samples", "32", "--eval-samples", "16",
-           "--r", "4", "--no-progress", "--output-dir", str(tmp_path / "cli")]
+def test_cli_defaults_run_and_log_cleanly(tmp_path):
+    """`python -m minilora.train --max-steps 2` failed at once with its own defaults (r=64 on the tiny model).
+    Not on a terminal, progress is one plain line per tenth of the run: no redraws, no escape codes."""
+    cmd = [sys.executable, "-m", "minilora.train", "--max-steps", "2", "--output-dir", str(tmp_path / "cli")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "final eval: loss" in done.stdout
+    assert "final eval: loss" in done.stdout and "threads: 1 " in done.stdout
+    assert "qlora step 1/2: loss" in done.stderr and "qlora step 2/2: loss" in done.stderr
+    assert "\r" not in done.stderr and "\x1b[" not in done.stderr
     rows = read_metrics(tmp_path / "cli" / "metrics.csv")
     assert [r["step"] for r in rows] == [1, 2]
     assert (tmp_path / "cli" / "loss.png").is_file()
+    assert (tmp_path / "cli" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -155,6 +185,78 @@ def test_cli_errors(tmp_path, capsys):
     assert "--lora-dropout must be a number in [0, 1)" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "b")]) == 2
     assert "no such folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--method", "prefix-tuning"])
-    assert "invalid choice: 'prefix-tuning'" in capsys.readouterr().err
+    assert main(["--method", "prefix-tuning", "--output-dir", str(tmp_path / "c")]) == 2
+    assert "--method must be one of ('full', " in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing created on failure
+
+
+# ----------------------------------------------------------------------------------------------------
+# Defects found by trying the CLI as a new user (issue 13)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_target_typo_is_an_error_and_creates_nothing(tmp_path):
+    """`--target q_proj,v_prj` trained only q_proj and exited 0."""
+    with pytest.raises(ValueError, match=r"entries \['v_prj'\] of target_modules"):
+        train(QUICK, method="lora", target="q_proj,v_prj", output_dir=str(tmp_path / "run"), max_steps=1)
+    assert not (tmp_path / "run").exists()  # it left runs/errN/config.json behind
+
+
+def test_resume_without_a_checkpoint_creates_no_folder(tmp_path):
+    with pytest.raises(ValueError, match="--resume: no checkpoint-<step> folder"):
+        train(QUICK, output_dir=str(tmp_path / "run"), resume=True, max_steps=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_eval_data_is_named(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "<bos>abcd<sep>", "response": "bcde<eos>"}\n' * 8)
+    with pytest.raises(FileNotFoundError, match=r"--eval-data: no such file .*nope.jsonl"):
+        train(QUICK, data=str(data), eval_data=str(tmp_path / "nope.jsonl"), batch_size=4,
+              output_dir=str(tmp_path / "run"), max_steps=1)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "adalora"])
+def test_every_run_ends_with_an_adapter_peft_loads(tmp_path, method):
+    """AdaLoRA runs wrote no adapter, and --save-every 0 wrote no weights at all."""
+    import warnings
+
+    import peft
+
+    from minilora.adalora import svd_layers
+    from minilora.data import pretrained_tiny_llama
+    from minilora.lora import lora_layers
+
+    options = dict(r=4, target_r=2, tinit=1, tfinal=1) if method == "adalora" else {}
+    result = train(QUICK, method=method, max_steps=4, save_every=0, eval_every=0,
+                   output_dir=str(tmp_path / "run"), **options)
+    assert not list(result.run_dir.glob("checkpoint-*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # peft only warns on missing keys: make that an error
+        theirs = peft.PeftModel.from_pretrained(pretrained_tiny_llama(), str(result.run_dir / "adapter"))
+    ours = svd_layers(result.model) if method == "adalora" else lora_layers(result.model)
+    assert sorted(theirs.base_model.targeted_module_names) == sorted(ours)
+    name, layer = next(iter(ours.items()))
+    loaded = theirs.base_model.model.get_submodule(name).lora_B["default"]
+    loaded = loaded if method == "adalora" else loaded.weight
+    kept = layer.rank_mask if method == "adalora" else slice(None)
+    assert torch.equal(loaded.detach(), layer.lora_B.detach()[:, kept])
+
+
+def test_threads_are_chosen_and_an_option(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train(QUICK, threads=1, max_steps=1, save_every=0, output_dir=str(tmp_path / "run"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert make_config(recipe="qlora-7b").threads == 0  # a real model: torch's default
+    with pytest.raises(ValueError, match="--threads must be an integer >= 0"):
+        make_config(threads=-1)
+
+
+def test_the_7b_recipe_on_the_tiny_model_says_what_to_change(tmp_path):
+    with pytest.raises(ValueError, match=r"r=64 is larger than .*--recipe qlora-7b chose r=64; give --r"):
+        train(recipe="qlora-7b", output_dir=str(tmp_path / "run"), max_steps=1, progress=False)
+    assert not (tmp_path / "run").exists()
