@@ -22,7 +22,7 @@ STAMP       := $(VENV)/.minilora-installed
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: demo test test-portable lint pytest exercises-reference exercises-stubs nbval lab bench exercises figures setup clean
+.PHONY: demo test test-portable lint pytest exercises-reference exercises-stubs nbval lab bench exercises figures setup clean book book-serve book-check
 
 setup: $(STAMP)
 
@@ -87,6 +87,24 @@ exercises: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) scripts/figures.py
+
+# The book as a website (scripts/book.py, book/mkdocs.yml): `make book` builds site/, `make book-serve` serves it
+# on http://127.0.0.1:8000/, `make book-check` builds it and reads every page in headless Chromium, offline.
+BOOK_STAMP  := $(VENV)/.minilora-book-installed
+
+$(BOOK_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,book]"
+	touch $(BOOK_STAMP)
+
+book: $(BOOK_STAMP)
+	$(PY) scripts/book.py
+
+book-serve: book
+	$(PY) -m http.server --directory site --bind 127.0.0.1 8000
+
+book-check: $(BOOK_STAMP)
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+	$(PY) scripts/check_book.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
