@@ -39,7 +39,7 @@ demo: $(STAMP)
 test: lint pytest exercises-reference exercises-stubs nbval
 
 lint: $(STAMP)
-	$(PY) -m ruff check minilora tests exercises benchmarks scripts
+	$(PY) -m ruff check minilora tests exercises benchmarks scripts book
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -107,4 +107,4 @@ book-check: $(BOOK_STAMP)
 	$(PY) scripts/check_book.py
 
 clean:
-	rm -rf $(VENV) .cache runs .pytest_cache
+	rm -rf $(VENV) .cache runs .pytest_cache site build/book

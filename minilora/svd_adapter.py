@@ -184,8 +184,9 @@ def orthogonal_penalty(model: nn.Module) -> torch.Tensor:
     """R = mean over all P's and Q's of ||Q Qᵀ − I||_F and ||Pᵀ P − I||_F.
 
     The paper's R(P, Q) (AdaLoRA, Eq. 4) squares these norms; the authors' code and peft use them plain,
-    averaged over 2 × (number of SVDLinear layers) terms, and so do we (chapter 2 shows both). The training loss is task_loss + orth_reg_weight · R. Near R = 0 the rows of Q and
-    the columns of P are orthonormal, so P Λ Q behaves like an SVD and |Λ_i| measures triplet i's size.
+    averaged over 2 × (number of SVDLinear layers) terms, and so do we (chapter 2 shows both). The training
+    loss is task_loss + orth_reg_weight · R. Near R = 0 the rows of Q and the columns of P are orthonormal,
+    so P Λ Q behaves like an SVD and |Λ_i| measures triplet i's size.
     """
     layers = svd_layers(model)
     if not layers:
