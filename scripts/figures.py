@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from minilora import data, experiments, memory, nf4  # noqa: E402
-from minilora.adalora import AdaLoraConfig, add_adalora, orthogonal_penalty  # noqa: E402
+from minilora.adalora import AdaLoraConfig, RankAllocator, add_adalora, orthogonal_penalty  # noqa: E402
 from minilora.paged import PagedAdamW, adamw_state_bytes  # noqa: E402
 from minilora.plots import (  # noqa: E402
     plot_learning_vs_forgetting,
@@ -112,7 +112,8 @@ def adalora_ranks(steps: int = 60) -> Figure:
     config = AdaLoraConfig(init_r=8, target_r=2, tinit=10, tfinal=15, deltaT=5, total_step=steps,
                            lora_alpha=8, target_modules="all-linear")
     model = data.pretrained_tiny_llama()
-    allocator = add_adalora(model, config)
+    add_adalora(model, config)
+    allocator = RankAllocator(model, config)
     budgets = []
 
     def after_step(step):

@@ -152,10 +152,11 @@ def _one_step(model):
 
 def test_adalora_scores_exact_vs_minilora_allocator():
     # minilora's RankAllocator keeps Ī and Ū in fp32 for every element of P, Λ, Q, plus a copy of every Λ.
-    from minilora.adalora import AdaLoraConfig, add_adalora
+    from minilora.adalora import AdaLoraConfig, RankAllocator, add_adalora
     model = tiny_llama()
-    allocator = add_adalora(model, AdaLoraConfig(init_r=6, target_r=2, total_step=10,
-                                                 target_modules=ADALORA_TARGETS))
+    config = AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules=ADALORA_TARGETS)
+    add_adalora(model, config)
+    allocator = RankAllocator(model, config)
     n = _one_step(model)
     allocator.update_and_allocate(0)
     report = estimate(model.config, "adalora", r=6, adapter_bytes=4, allocator="minilora")
