@@ -4,6 +4,7 @@ The package is a house with floors; each module imports only from the floors bel
 
     floor 0   files       atomic file writes (temporary name, then rename)
               machine     where a number was measured (CPU capability, threads, versions); quiet log lines
+              kernels     the fast 4-bit encode/decode beside nf4's references; cached tables (chapter 3)
     floor 1   lora        the LoRA bypass h = W0 x + (α/r) B A x, injection, merging       (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
               paged       a paged AdamW: optimizer state in pages, LRU pool, write-back    (chapter 5)

@@ -13,6 +13,7 @@ PACKAGE = Path(minilora.__file__).resolve().parent
 FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
+    "kernels": 0,  # the fast encode/decode kernels: tables are handed in, nothing of ours imported
     "lora": 1, "nf4": 1, "paged": 1, "memory": 1, "data": 1,
     "checkpoints": 1,
     "adalora": 2, "double_quant": 2, "plots": 2,
