@@ -15,10 +15,11 @@ benchmarks/results/):
 2. Steps of CHUNK_ELEMENTS values: the temporaries of one step (an int64 index, the gathered levels) stay
    in the CPU's L2 cache. A whole-tensor version of the same three ops is 2-3x slower: every temporary
    goes to RAM and back.
-3. One thread per step. CHUNK_ELEMENTS equals ATen's parallel grain size (32,768), so each op of a step
-   runs on the calling thread: no parallel region is opened at all. Opening one per op was the collapse
-   measured beside a busy process (issue 12: 47x slower than bitsandbytes), because each of hundreds of
-   regions waited for a descheduled thread. Decoding is memory-bound; a second thread buys little here.
+3. One thread, no parallel region. Each step's ops are small (CHUNK_ELEMENTS = ATen's parallel grain
+   size), and opening a parallel region per op was the collapse measured beside a busy process (issue 12:
+   47x slower than bitsandbytes): each of hundreds of regions waited for a descheduled thread. Decoding is
+   memory-bound; a second thread bought nothing here (a pool of workers, one run of steps each, was
+   slower than one thread on this loaded 2-core machine, so it was dropped).
 4. On a GPU the opposite holds (each op is a kernel launch), so there a step is the whole tensor. Under
    torch.compile nf4.py hands the compiler the reference formula instead, which it fuses into one loop.
 5. No fresh output per call where it is safe: a newly allocated 4096 x 4096 bf16 tensor costs ~8,200 page
@@ -32,7 +33,6 @@ rebuild cost ~0.3 ms per decode and stopped `torch.compile(fullgraph=True)` at a
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -71,38 +71,21 @@ def step_elements(device: torch.device, blocksize: int, n: int) -> int:
     return max(CHUNK_ELEMENTS, blocksize)  # a multiple of blocksize (both are powers of two), hence even
 
 
-def _one_thread_each() -> None:
-    torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: this worker's ops stay serial
-
-
-_POOL: dict = {}
-
-
 def run_steps(total: int, step: int, device: torch.device, work) -> None:
     """Call `work(start, stop)` for the steps [start, stop) covering range(0, total), `step` values each.
 
-    On a CPU with torch.get_num_threads() = T > 1 the steps are split into T contiguous runs, one per worker
-    thread, and each worker's ops run single-threaded (point 3): one parallel region per call, whatever
-    the size. The GIL is released inside every op, so the workers do run at the same time.
+    On a CPU every op of every step runs on the calling thread (point 3): torch.set_num_threads(1) for the
+    duration (OpenMP keeps the thread count per calling thread, so other threads are not affected), then
+    the caller's count is restored, also when `work` raises.
     """
-    starts = list(range(0, total, step))
-    threads = min(torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
-    if threads <= 1:
-        for start in starts:
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for start in range(0, total, step):
             work(start, min(start + step, total))
-        return
-    pool = _POOL.get(threads)
-    if pool is None:
-        pool = _POOL[threads] = ThreadPoolExecutor(threads, initializer=_one_thread_each)
-    per_worker = -(-len(starts) // threads)
-
-    def run(group: list[int]) -> None:
-        for start in group:
-            work(start, min(start + step, total))
-
-    groups = [starts[i: i + per_worker] for i in range(0, len(starts), per_worker)]
-    for future in [pool.submit(run, group) for group in groups]:
-        future.result()  # re-raises a worker's exception here
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------
