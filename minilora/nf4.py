@@ -394,7 +394,10 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
         values = code_on(quant_type, packed.device)[unpack_4bit(packed, math.prod(shape)).long()]
         return scale_blocks(values, absmax.reshape(-1), blocksize).to(dtype).reshape(shape)
     shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
-    if not bool(torch.isfinite(absmax).all()):  # e.g. a corrupted checkpoint: never decode into NaN weights
+    finite = torch.isfinite(absmax).all()  # e.g. a corrupted checkpoint: never decode into NaN weights
+    if absmax.device.type != "cpu":
+        torch._assert_async(finite, "absmax: contains NaN or Inf")  # checked on the device: no sync per call
+    elif not bool(finite):
         raise ValueError("absmax: contains NaN or Inf; these constants cannot come from quantize_4bit")
     n = math.prod(shape)
     if out is None:
