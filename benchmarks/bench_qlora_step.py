@@ -17,6 +17,8 @@ checkpointing. Figures, not asserts; on a CPU without bf16 instructions the bf16
 
     python benchmarks/bench_qlora_step.py            # ~34M parameters, batch 4 x 128 tokens, 5 steps
     python benchmarks/bench_qlora_step.py --quick    # ~5M parameters, batch 2 x 64 tokens, 3 steps
+    python benchmarks/bench_qlora_step.py --profile  # + torch.profiler's top ops of one step per stack,
+                                                     #   written to results/bench_qlora_step_profile.md
 """
 
 import argparse
@@ -38,6 +40,8 @@ SIZES = {  # name -> (LlamaConfig settings, batch, seq_len, warm-up steps, measu
                    num_attention_heads=4, num_key_value_heads=4), 2, 64, 1, 3),
 }
 RANK = 16
+ROOT = Path(__file__).resolve().parent.parent
+TOP_OPS = 12
 
 
 def build_model(settings):
@@ -98,7 +102,19 @@ def setup_peft(model, quantized):
     return model, optimizer
 
 
-def worker(config: str, size: str) -> dict:
+def profile_step(model, optimizer, ids) -> list[tuple[str, int, float]]:
+    """One training step under torch.profiler: the TOP_OPS ops by self CPU time, (name, calls, ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in events[:TOP_OPS]]
+
+
+def worker(config: str, size: str, profiled: bool = False) -> dict:
     """Build one stack, run warm-up + measured steps, return timings and peak RSS."""
     import torch
 
@@ -121,7 +137,8 @@ def worker(config: str, size: str) -> dict:
             times.append(time.perf_counter() - start)
         losses.append(loss.item())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"config": config, "median_step_s": statistics.median(times), "steps": steps,
+    top_ops = profile_step(model, optimizer, ids) if profiled else []
+    return {"config": config, "top_ops": top_ops, "median_step_s": statistics.median(times), "steps": steps,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": trainable, "first_loss": losses[0]}
 
@@ -129,17 +146,21 @@ def worker(config: str, size: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~5M parameters, fewer steps")
+    parser.add_argument("--profile", action="store_true", help="also profile one step per stack")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = "quick" if args.quick else "full"
     if args.worker:
-        print(json.dumps(worker(args.worker, size)))
+        print(json.dumps(worker(args.worker, size, args.profile)))
         return 0
+    sys.path.insert(0, str(ROOT))
+    from minilora.machine import describe_line
 
     settings, batch, seq_len, _, steps = SIZES[size]
     results = {}
     for config in CONFIGS:
-        cmd = [sys.executable, __file__, "--worker", config] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--worker", config] + (["--quick"] if args.quick else []) + (
+            ["--profile"] if args.profile else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"{config}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -149,7 +170,8 @@ def main() -> int:
               f"{results[config]['peak_rss_mib']:.0f} MiB", flush=True)
 
     params = build_model(settings).num_parameters()
-    lines = [f"Tiny Llama, {params / 1e6:.1f}M parameters, batch {batch} x {seq_len} tokens, LoRA r={RANK} on "
+    lines = [describe_line(), "",
+             f"Tiny Llama, {params / 1e6:.1f}M parameters, batch {batch} x {seq_len} tokens, LoRA r={RANK} on "
              f"all linear layers, median of {steps} steps, one process per row.", "",
              "| stack | median step (s) | peak RSS (MiB) | trainable | step vs peft | RSS vs peft |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -164,6 +186,14 @@ def main() -> int:
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_qlora_step.md").write_text(table)
+    if args.profile:
+        profile = [describe_line(), "", f"Top {TOP_OPS} ops by self CPU time, one step after warm-up.", ""]
+        for config in CONFIGS:
+            profile += [f"### {config}", "", "| op | calls | self CPU (ms) |", "| --- | ---: | ---: |"]
+            profile += [f"| `{name}` | {calls} | {ms:.1f} |" for name, calls, ms in results[config]["top_ops"]]
+            profile.append("")
+        print("\n".join(profile))
+        (RESULTS / "bench_qlora_step_profile.md").write_text("\n".join(profile))
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+EXTRA_ARGS = {"bench_qlora_step.py": ["--profile"]}  # the op tables issue 12 asks for, before/after
 
 
 def main() -> int:
@@ -26,13 +27,12 @@ def main() -> int:
     sections = []
     for script in sorted(HERE.glob("bench_*.py")):
         print(f"== {script.name}", flush=True)
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + EXTRA_ARGS.get(script.name, [])
         if subprocess.run(cmd, check=False).returncode != 0:
             failed.append(script.name)
             continue
-        table = RESULTS / f"{script.stem}.md"
-        if table.exists():
-            sections.append(f"## {script.stem}\n\n{table.read_text().strip()}\n")
+        for table in sorted(RESULTS.glob(f"{script.stem}*.md")):
+            sections.append(f"## {table.stem}\n\n{table.read_text().strip()}\n")
     (RESULTS / "README.md").write_text("# minilora benchmarks\n\n" + "\n".join(sections))
     print(f"wrote {RESULTS / 'README.md'}")
     if failed:

@@ -30,15 +30,8 @@ import math
 
 import torch
 
-from minilora.nf4 import (
-    BLOCKSIZES,
-    QUANT_TYPES,
-    check_blocksize,
-    check_quant_type,
-    dequantize_4bit,
-    get_code,
-    quantize_4bit,
-)
+from minilora.kernels import cached, scale_blocks, scratch
+from minilora.nf4 import check_quant_options, dequantize_4bit, get_code, quantize_4bit
 
 DQ_BLOCKSIZE = 256  # constants per second-level block, as in QLoRA and bitsandbytes
 
@@ -57,15 +50,27 @@ def dynamic_map() -> torch.Tensor:
     zero, coarse near ±1 — on both signs (2 · 127 levels), plus 0 and 1.0: 256 in all.
 
     Built the way bitsandbytes builds it (float32 midpoints times a Python-float power of ten, in float32),
-    so every level is equal in bits to `bitsandbytes.functional.create_dynamic_map()`.
+    so every level is equal in bits to `bitsandbytes.functional.create_dynamic_map()`. Tensor operations
+    only (no `.tolist()`), so torch.compile can trace it without a graph break.
     """
-    levels = [0.0, 1.0]
+    levels = [torch.tensor([0.0, 1.0])]
     for i in range(7):
         boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2
         decade = 10.0 ** (i - 6)
-        levels += (decade * means).tolist() + (-decade * means).tolist()
-    return torch.tensor(sorted(levels), dtype=torch.float32)
+        levels += [decade * means, -decade * means]
+    return torch.cat(levels).sort().values
+
+
+@torch.compiler.assume_constant_result  # traced: called once, eagerly, and its result embedded as a constant
+def dynamic_map_on(device) -> torch.Tensor:
+    """`dynamic_map()` on `device`, built once per device and cached (shared: never modify it).
+
+    Under torch.compile it must not be rebuilt inside the graph: inductor's linspace is not bit-equal to
+    eager's, and levels would move by an ulp (measured: tests/test_compile.py).
+    """
+    device = torch.device(device)
+    return cached(("dynamic_map", device), lambda: dynamic_map().to(device))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,6 +97,8 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
         raise ValueError("absmax: cannot double-quantize an empty tensor")
     if not bool(torch.isfinite(absmax).all()):
         raise ValueError("absmax: contains NaN or Inf")
+    if bool((absmax < 0).any()):  # max |x| is never negative: these are not quantize_4bit's constants
+        raise ValueError(f"absmax: per-block constants are max |x| >= 0, got a minimum of {float(absmax.min())}")
     _check_dq_blocksize(blocksize)
 
     values = absmax.reshape(-1)
@@ -102,7 +109,7 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
     padded = torch.nn.functional.pad(centered, (0, blocks * blocksize - n)).view(blocks, blocksize)
     absmax2 = padded.abs().amax(dim=1)  # zero padding never raises a block's max
 
-    code = dynamic_map().double().to(absmax.device)
+    code = dynamic_map_on(absmax.device).double()
     midpoints = (code[:-1] + code[1:]) / 2  # exact in float64
     scaled = centered.double() / absmax2.double().clamp(min=1e-38).repeat_interleave(blocksize)[:n]
     qabsmax = torch.searchsorted(midpoints, scaled).to(torch.uint8)
@@ -121,9 +128,8 @@ def double_dequantize(qabsmax, absmax2, offset, blocksize: int = DQ_BLOCKSIZE) -
     offset = torch.as_tensor(offset, dtype=torch.float32, device=qabsmax.device)
     if offset.numel() != 1:
         raise ValueError(f"offset: expected a single number, got shape {tuple(offset.shape)}")
-    levels = dynamic_map().to(qabsmax.device)[qabsmax.reshape(-1).long()]
-    scale = absmax2.reshape(-1).float().repeat_interleave(blocksize)[:n]
-    return levels * scale + offset.reshape(())
+    levels = dynamic_map_on(qabsmax.device)[qabsmax.reshape(-1).long()]
+    return scale_blocks(levels, absmax2.reshape(-1).float(), blocksize) + offset.reshape(())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,12 +155,17 @@ class QuantizedWeight:
         absmax2  float32 (ceil(blocks/256),)
         offset   float32 ()                the mean that was subtracted
     and metadata: shape (torch.Size), blocksize (int), quant_type ("nf4", "fp4" or "int4").
+
+    reuse_output=True (for a caller that reads each decoded weight once and drops it, like Linear4bit's
+    forward and backward): on a CPU in eager mode, `dequantize` writes into a buffer shared by every
+    weight of the same size (`kernels.scratch`), so the result is only valid until the next such call. A
+    fresh 4096 x 4096 bf16 tensor costs ~8,200 page faults, about as long as the decode itself. GPUs
+    (caching allocator) and torch.compile (which plans its own buffers) always get a fresh tensor.
     """
 
     def __init__(self, packed, shape, blocksize=64, quant_type="nf4", absmax=None,
-                 qabsmax=None, absmax2=None, offset=None):
-        check_blocksize(blocksize)
-        check_quant_type(quant_type)
+                 qabsmax=None, absmax2=None, offset=None, reuse_output: bool = False):
+        check_quant_options(blocksize, quant_type)
         self.packed = packed
         self.shape = torch.Size(shape)
         self.blocksize = blocksize
@@ -163,6 +174,7 @@ class QuantizedWeight:
         self.qabsmax = qabsmax
         self.absmax2 = absmax2
         self.offset = offset
+        self.reuse_output = reuse_output
         if (absmax is None) == (qabsmax is None) or ((qabsmax is None) != (absmax2 is None)
                                                      or (qabsmax is None) != (offset is None)):
             raise ValueError("absmax: give either absmax, or qabsmax with absmax2 and offset (double quant)")
@@ -205,9 +217,12 @@ class QuantizedWeight:
         return self.absmax
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The weight Ŵ = code[q] · absmax, shaped like the original, in `dtype`."""
+        """The weight Ŵ = code[q] · absmax, shaped like the original, in `dtype` (see reuse_output)."""
+        out, device = None, self.packed.device
+        if self.reuse_output and device.type == "cpu" and not torch.compiler.is_compiling():
+            out = scratch(self.numel, dtype, device)
         return dequantize_4bit(self.packed, self.block_absmax(), self.shape, self.blocksize, self.quant_type,
-                               dtype)
+                               dtype, out=out)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored data tensors by name (no metadata)."""
@@ -245,12 +260,8 @@ class QuantizedWeight:
         nested = {"packed", "qabsmax", "absmax2", "offset", "shape", "blocksize", "quant_type"}
         if set(sd) not in (plain, nested):
             raise ValueError(f"sd: expected keys {sorted(plain)} or {sorted(nested)}, got {sorted(sd)}")
-        quant_type = _decode_text(sd["quant_type"])
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"sd: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        blocksize = int(sd["blocksize"])
-        if blocksize not in BLOCKSIZES:
-            raise ValueError(f"sd: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+        quant_type, blocksize = _decode_text(sd["quant_type"]), int(sd["blocksize"])
+        check_quant_options(blocksize, quant_type)
         shape = torch.Size(sd["shape"].tolist())
         if "absmax" in sd:
             return cls(sd["packed"], shape, blocksize, quant_type, absmax=sd["absmax"])

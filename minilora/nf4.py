@@ -17,8 +17,8 @@ Everything here is byte-for-byte equal to bitsandbytes 0.50 (`bitsandbytes.funct
 `int4_code`), nearest-code lookup (`code_midpoints`), packing (`pack_4bit`, `unpack_4bit`), then
 `quantize_4bit` and `dequantize_4bit`. The reference versions (`quantize_4bit_reference`,
 `dequantize_4bit_reference`) are the whole algorithm in a dozen lines; `quantize_4bit` and `dequantize_4bit`
-run the same steps over chunks of blocks (bounded memory, cache-friendly) and are tested to give identical
-bytes and values.
+run the same steps through minilora/kernels.py (cache-sized steps, tables built once per device; why, and
+what it measured, is that file's docstring) and are tested to give identical bytes and values.
 
 Supported: blocksize a power of two from 32 to 4096 (exactly what bitsandbytes accepts), x of dtype
 float16, bfloat16, float32 or float64 (computed in float32, as bitsandbytes does), any shape, any length
@@ -28,8 +28,18 @@ float16, bfloat16, float32 or float64 (computed in float32, as bitsandbytes does
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+
+from minilora.kernels import (
+    CHUNK_ELEMENTS,  # noqa: F401  (re-exported: tests size their inputs by it)
+    cached,
+    count_midpoints_below,
+    decode_full_blocks,
+    encode_full_blocks,
+    scale_blocks,
+)
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -39,10 +49,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # 0.9677083 = ½·[(1 - 1/30) + (1 - 1/32)], halfway between the centre of the last of 15 equal-probability
 # slices and that of the last of 16 (see chapters/03-nf4.md).
 NF4_OFFSET = 0.9677083
-
-# How many elements one step of the chunked kernels handles: big enough that Python overhead vanishes,
-# small enough that the float32 temporaries (~4 copies of a chunk) stay in the CPU cache.
-CHUNK_ELEMENTS = 1 << 18
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,6 +136,44 @@ def code_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return midpoints, order
 
 
+class Tables(NamedTuple):
+    """What the fast kernels look up for one quant_type on one device, built once (`tables`)."""
+
+    code: torch.Tensor  # (16,) float32 levels by pattern, get_code(quant_type)
+    pair_table: torch.Tensor  # (256,) int64, byte_pair_table(code)
+    midpoints: list  # the 15 sorted float32 midpoints as Python floats, code_midpoints(code)[0]
+    pattern_of_position: torch.Tensor | None  # (16,) uint8 sorted position -> pattern; None for sorted NF4
+
+
+def tables(quant_type: str, device) -> Tables:
+    """The `Tables` of `quant_type` on `device`, built on first use and cached for the process.
+
+    Rebuilding them per call cost ~0.3 ms per dequantize (ndtri, sort, a 256-entry gather), twice per layer
+    and step. Shared: never modify the tensors returned.
+    """
+    check_quant_type(quant_type)
+    device = torch.device(device)
+
+    def build() -> Tables:
+        code = get_code(quant_type)
+        midpoints, order = code_midpoints(code)
+        pattern_of_position = None if quant_type == "nf4" else order.to(torch.uint8).to(device)
+        return Tables(code.to(device), byte_pair_table(code).to(device), midpoints.tolist(),
+                      pattern_of_position)
+
+    return cached(("nf4.tables", quant_type, device), build)
+
+
+@torch.compiler.assume_constant_result  # traced: called once, eagerly, and its result embedded as a constant
+def code_on(quant_type: str, device) -> torch.Tensor:
+    """The cached (16,) float32 levels of `quant_type` on `device` (shared: never modify it).
+
+    Under torch.compile the table must not be rebuilt inside the graph: inductor's linspace is not
+    bit-equal to eager's, and every level would move by an ulp.
+    """
+    return tables(quant_type, device).code
+
+
 # ----------------------------------------------------------------------------------------------------
 # Packing: two 4-bit patterns per byte, the first element in the high nibble
 # ----------------------------------------------------------------------------------------------------
@@ -173,6 +217,12 @@ def check_quant_type(quant_type) -> None:
         raise ValueError(f"quant_type: expected one of {QUANT_TYPES}, got {quant_type!r}")
 
 
+def check_quant_options(blocksize, quant_type) -> None:
+    """The one check of the format options, used by every module that accepts them."""
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+
+
 def check_blocksize(blocksize) -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize: expected a power of two from 32 to 4096, one of {BLOCKSIZES}, "
@@ -188,6 +238,14 @@ def check_input(x) -> None:
         raise ValueError(f"x: cannot quantize an empty tensor (shape {tuple(x.shape)})")
 
 
+def check_quantize_args(x, blocksize, quant_type) -> torch.Tensor:
+    """Check what quantize_4bit gets; returns x detached (a Parameter is fine: quantizing is not
+    differentiable, and no graph is wanted)."""
+    check_input(x)
+    check_quant_options(blocksize, quant_type)
+    return x.detach()
+
+
 def check_finite(absmax: torch.Tensor) -> None:
     # max|x| over a block is NaN or Inf exactly when the block holds a NaN or an Inf: one cheap test.
     if not bool(torch.isfinite(absmax).all()):
@@ -195,8 +253,7 @@ def check_finite(absmax: torch.Tensor) -> None:
 
 
 def check_stored(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.Size:
-    check_blocksize(blocksize)
-    check_quant_type(quant_type)
+    check_quant_options(blocksize, quant_type)
     try:
         shape = torch.Size(shape)
     except (TypeError, ValueError) as err:
@@ -229,8 +286,7 @@ def quantize_4bit_reference(x: torch.Tensor, blocksize: int = 64, quant_type: st
 
     Same result as `quantize_4bit` (tests check byte equality); uses several float32 copies of x at once.
     """
-    check_input(x)
-    check_blocksize(blocksize)
+    x = check_quantize_args(x, blocksize, quant_type)
     midpoints, order = code_midpoints(get_code(quant_type).to(x.device))
 
     values = x.reshape(-1).float()
@@ -257,36 +313,6 @@ def quantize_4bit_reference(x: torch.Tensor, blocksize: int = 64, quant_type: st
     return pack_4bit(q), absmax
 
 
-def count_midpoints_below(scaled: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
-    """How many midpoints lie strictly below each value: `searchsorted(midpoints, scaled)`, as float32.
-
-    Same answer as the binary search, computed with whole-tensor arithmetic instead: sign(v - m) is +1 when
-    v > m, -1 when v < m and 0 on a tie (float32 subtraction is exactly 0 only for equal values). Summed
-    over the M midpoints, Σ sign(v - m_j) = below - above = 2·below + ties - M, so
-
-        below = floor((M + Σ_j sign(v - m_j)) / 2)      (a tie adds ½ and is floored away: ties go lower)
-
-    M passes of subtract-and-sign are several times faster on CPU than a per-element binary search.
-    """
-    total = torch.full_like(scaled, float(midpoints.numel()))
-    diff = torch.empty_like(scaled)
-    for m in midpoints.tolist():
-        torch.sub(scaled, m, out=diff)
-        total += diff.sign_()
-    return total.mul_(0.5).floor_()
-
-
-def _quantize_full_blocks(values, blocksize, midpoints, pattern_of_position, packed_out, absmax_out) -> None:
-    """The reference's full-block step for one chunk of float32 values, written into preallocated outputs."""
-    blocks = values.view(-1, blocksize)
-    # max |x| as max(max x, -min x): the same number without an |x| copy; abs_() makes a zero block +0.0.
-    torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_(), out=absmax_out).abs_()
-    scaled = blocks.mul_((1.0 / absmax_out.clamp(min=1e-38)).unsqueeze(1)).view(-1)  # in place: a temporary
-    position = count_midpoints_below(scaled, midpoints).to(torch.uint8)
-    q = pattern_of_position[position.long()] if pattern_of_position is not None else position
-    torch.bitwise_or(q[0::2] << 4, q[1::2], out=packed_out)
-
-
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
     """Blockwise 4-bit quantization (QLoRA eq. 1 per block): (packed, absmax).
 
@@ -298,37 +324,28 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     nibble; an odd n is padded with the pattern of 0), and absmax, float32, one per block (ceil(n/blocksize);
     a last partial block's absmax is clamped to at least 1e-38, as bitsandbytes stores it).
 
-    The same steps as `quantize_4bit_reference`, run over chunks of CHUNK_ELEMENTS values (so temporary
-    float32 copies stay small: peak extra memory is the outputs plus a few chunks, plus one copy of x if x
-    is not contiguous) and with `count_midpoints_below` in place of the binary search. Tests check that
-    both give the same bytes.
+    The same steps as `quantize_4bit_reference`, run by `kernels.encode_full_blocks` over steps of
+    CHUNK_ELEMENTS values (so temporary float32 copies stay small: peak extra memory is the outputs plus a
+    few chunks, plus one copy of x if x is not contiguous) and with `count_midpoints_below` in place of the
+    binary search. Tests check that both give the same bytes.
     """
-    check_input(x)
-    check_blocksize(blocksize)
-    # Tables and outputs live on x's device: the same code quantizes on a CPU and on a GPU.
-    midpoints, order = code_midpoints(get_code(quant_type).to(x.device))
-    pattern_of_position = None if quant_type == "nf4" else order.to(torch.uint8)  # NF4 is sorted already
-
+    x = check_quantize_args(x, blocksize, quant_type)
+    table = tables(quant_type, x.device)  # tables and outputs live on x's device: CPU or GPU alike
     flat = x.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
-
-    step = max(CHUNK_ELEMENTS, blocksize)  # a multiple of blocksize (both are powers of two), hence even
-    for start in range(0, full, step):
-        stop = min(start + step, full)
-        chunk = flat[start:stop].to(torch.float32, copy=True)  # a copy even for float32: scaled in place
-        _quantize_full_blocks(chunk, blocksize, midpoints, pattern_of_position,
-                              packed[start // 2: stop // 2], absmax[start // blocksize: stop // blocksize])
+    encode_full_blocks(flat, full, blocksize, table.midpoints, table.pattern_of_position, packed, absmax)
     if full < n:  # the last partial block: clamped absmax and true division (see quantize_4bit_reference)
         tail = flat[full:].float()
         absmax[-1] = tail.abs().amax().clamp(min=1e-38)
         scaled = tail / absmax[-1]
         if scaled.numel() % 2:
             scaled = torch.cat([scaled, scaled.new_zeros(1)])  # pad with the pattern of 0
-        q = torch.searchsorted(midpoints, scaled)
-        packed[full // 2:] = pack_4bit(order[q] if pattern_of_position is not None else q)
+        q = count_midpoints_below(scaled, table.midpoints).to(torch.uint8)
+        pattern = table.pattern_of_position
+        packed[full // 2:] = pack_4bit(pattern[q.long()] if pattern is not None else q)
     check_finite(absmax)
     return packed, absmax
 
@@ -359,31 +376,40 @@ def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
     return pairs.view(torch.int64).reshape(256)
 
 
-def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16):
+def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16, out=None):
     """Decode `quantize_4bit`'s output: Ŵ_i = code[q_i] · absmax[i // blocksize], reshaped to `shape`.
 
     The product is formed in float32 and rounded once to `dtype` (bitsandbytes does the same, so results
-    are bit-equal). packed may have any shape (e.g. bitsandbytes' (ceil(n/2), 1)); it is read flat.
-    Decodes a chunk of bytes at a time through `byte_pair_table` (one gather per byte instead of unpacking
-    nibbles), writing straight into the output; tests check it equals `dequantize_4bit_reference` bit for
-    bit.
-    """
-    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
-    n = math.prod(shape)
-    table = byte_pair_table(get_code(quant_type)).to(packed.device)  # decode where the bytes are
-    flat_bytes = packed.reshape(-1)
-    flat_absmax = absmax.reshape(-1)
-    out = torch.empty(n, dtype=dtype, device=packed.device)
-    full = n - n % blocksize
+    are bit-equal). packed may have any shape (e.g. bitsandbytes' (ceil(n/2), 1)); it is read flat. `out`
+    (optional): a contiguous tensor of `dtype` with n elements to decode into, instead of a new tensor.
 
-    step = max(CHUNK_ELEMENTS, blocksize)
-    for start in range(0, full, step):
-        stop = min(start + step, full)
-        levels = table.index_select(0, flat_bytes[start // 2: stop // 2].long()).view(torch.float32)
-        levels = levels.view(-1, blocksize)
-        scale = flat_absmax[start // blocksize: stop // blocksize].unsqueeze(1)
-        torch.mul(levels, scale, out=out[start:stop].view(-1, blocksize))  # float32 product, one rounding
-    if full < n:
-        levels = table.index_select(0, flat_bytes[full // 2:].long()).view(torch.float32)[: n - full]
-        out[full:] = levels * flat_absmax[-1]
-    return out.reshape(shape)
+    Eager: `kernels.decode_full_blocks` (one gather per byte through `byte_pair_table`, cache-sized steps,
+    cached tables). Under torch.compile: the reference formula, which the compiler fuses into one loop
+    (written with `kernels.scale_blocks`, which inductor compiles correctly; the NaN check is skipped there,
+    it would break the graph: the constants were checked when they were made).
+    Tests check both equal `dequantize_4bit_reference` bit for bit.
+    """
+    if torch.compiler.is_compiling():  # the reference's formula, in blocks (see kernels.scale_blocks)
+        shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
+        values = code_on(quant_type, packed.device)[unpack_4bit(packed, math.prod(shape)).long()]
+        return scale_blocks(values, absmax.reshape(-1), blocksize).to(dtype).reshape(shape)
+    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
+    finite = torch.isfinite(absmax).all()  # e.g. a corrupted checkpoint: never decode into NaN weights
+    if absmax.device.type != "cpu":
+        torch._assert_async(finite, "absmax: contains NaN or Inf")  # checked on the device: no sync per call
+    elif not bool(finite):
+        raise ValueError("absmax: contains NaN or Inf; these constants cannot come from quantize_4bit")
+    n = math.prod(shape)
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=packed.device)
+    elif out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != packed.device:
+        raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements on {packed.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    table = tables(quant_type, packed.device)  # decode where the bytes are
+    flat_bytes, flat_absmax, flat_out = packed.reshape(-1), absmax.reshape(-1), out.view(-1)
+    full = n - n % blocksize
+    decode_full_blocks(flat_bytes, flat_absmax, full, blocksize, table.pair_table, flat_out)
+    if full < n:  # a last partial block
+        levels = table.pair_table.index_select(0, flat_bytes[full // 2:].long()).view(torch.float32)
+        flat_out[full:] = levels[: n - full] * flat_absmax[-1]
+    return out.view(shape)

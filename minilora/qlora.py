@@ -33,7 +33,7 @@ from torch import nn
 
 from minilora.double_quant import QuantizedWeight
 from minilora.lora import replace_module
-from minilora.nf4 import BLOCKSIZES, QUANT_TYPES
+from minilora.nf4 import check_input, check_quant_options
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -49,6 +49,8 @@ class MatMul4bit(torch.autograd.Function):
     Forward decodes the weight to x's dtype, does one matmul and lets the decoded copy go. Backward needs Ŵ
     once more, for the input gradient ∂L/∂x = ∂L/∂y · Ŵ, and decodes it again instead of keeping it: keeping
     it would store 16 bits per weight for every layer until backward, four times the 4-bit model itself.
+    (The double-quantized absmax is decoded again too, from 8 bits: keeping it in float32 between forward
+    and backward would hold 0.5 bit per weight for every layer, the very cost double quantization removes.)
     No weight gradient is computed (the base is frozen; that is the point of LoRA). A bias gradient is
     computed only if the bias requires one.
 
@@ -57,23 +59,22 @@ class MatMul4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = qweight.dequantize(x.dtype)  # (out, in), freed when forward returns
+        weight = qweight.dequantize(x.dtype)  # (out, in), dropped when forward returns
         # The QuantizedWeight object is not a tensor input of the graph: keep it on ctx. It references the
         # layer's existing 4-bit buffers; nothing is copied.
         ctx.qweight = qweight
         return F.linear(x, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the decoded weight may live in a reused buffer
     def backward(ctx, grad_output: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             weight = ctx.qweight.dequantize(grad_output.dtype)  # decoded a second time
-            if weight.device.type == "cpu" and weight.dtype != torch.float32:
-                # Same product, other memory layout: CPU bf16/fp16 GEMM kernels are several times faster
-                # with the weight as F.linear wants it, (in, out) contiguous, than with `grad_output @ weight`.
-                grad_x = F.linear(grad_output, weight.t().contiguous())
-            else:
-                grad_x = grad_output @ weight  # (..., out) @ (out, in) -> (..., in)
+            # The plain layout: (..., out) @ (out, in) -> (..., in). A transposed copy for F.linear was slower
+            # on CPU (566 vs 300 us for 512 x 512 in bf16, issue 12) and gave all-NaN input gradients under
+            # torch.compile (inductor, CPU).
+            grad_x = grad_output @ weight
         if ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         return grad_x, None, grad_bias
@@ -85,12 +86,9 @@ class MatMul4bit(torch.autograd.Function):
 
 
 def _check_quant_options(blocksize, double_quant, quant_type, compute_dtype) -> None:
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got blocksize={blocksize!r}")
+    check_quant_options(blocksize, quant_type)  # the one check of the format options, in nf4.py
     if not isinstance(double_quant, bool):
         raise ValueError(f"double_quant must be True or False, got double_quant={double_quant!r}")
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got quant_type={quant_type!r}")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, "
                          f"got compute_dtype={compute_dtype!r}")
@@ -136,13 +134,16 @@ class Linear4bit(nn.Module):
     @property
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as a `QuantizedWeight` (a view on this layer's buffers, no copy)."""
+        return self._quantized_weight(reuse_output=False)
+
+    def _quantized_weight(self, reuse_output: bool) -> QuantizedWeight:
         shape = (self.out_features, self.in_features)
         if self.double_quant:
             return QuantizedWeight(self.weight_packed, shape, self.blocksize, self.quant_type,
                                    qabsmax=self.weight_qabsmax, absmax2=self.weight_absmax2,
-                                   offset=self.weight_offset)
+                                   offset=self.weight_offset, reuse_output=reuse_output)
         return QuantizedWeight(self.weight_packed, shape, self.blocksize, self.quant_type,
-                               absmax=self.weight_absmax)
+                               absmax=self.weight_absmax, reuse_output=reuse_output)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ of shape (out_features, in_features) in `dtype` (default compute_dtype); LoRA's base protocol."""
@@ -155,10 +156,14 @@ class Linear4bit(nn.Module):
         return self.quantized_weight.nbytes + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"x: Linear4bit expects a floating-point input (it computes in {self.compute_dtype}),"
+                            f" got dtype {x.dtype}; integer token ids go through an embedding first")
         input_dtype = x.dtype
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return MatMul4bit.apply(x, self.quantized_weight, bias).to(input_dtype)
+        # reuse_output: MatMul4bit reads each decoded weight once, so it may live in a shared buffer.
+        return MatMul4bit.apply(x, self._quantized_weight(reuse_output=True), bias).to(input_dtype)
 
     def _apply(self, fn, recurse=True):
         # Module.to(), .cuda(), .half() all end up here. Let them move the 4-bit buffers to another device
@@ -216,6 +221,17 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+def _check_quantizable(name: str, weight: torch.Tensor) -> None:
+    """What `quantize_4bit` would refuse in this layer's weight, as an error that names the layer."""
+    try:
+        check_input(weight)  # float dtype, not empty
+        if not bool(torch.isfinite(weight.detach().to(torch.float32)).all()):  # as the quantizer sees it
+            raise ValueError(f"x: contains NaN or Inf (after conversion to float32), dtype {weight.dtype}")
+    except ValueError as err:
+        raise ValueError(f"quantize_model: layer {name!r} cannot be quantized ({err}); "
+                         f"the model was left unchanged") from err
+
+
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
                    compute_dtype: torch.dtype = torch.bfloat16, skip=("lm_head",), verbose: bool = False):
     """Replace every nn.Linear of `model` (but those in `skip`) by a `Linear4bit` in place; returns `model`.
@@ -224,8 +240,10 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     the output head is skipped by default, as in QLoRA: it is small next to the blocks and its error would
     reach every logit. Layers are converted one at a time and each 16/32-bit weight is released as soon
     as its 4-bit copy exists, so memory never holds the whole model twice: the peak is the starting size
-    plus one layer's temporaries. The byte counts before and after are kept in
-    `model.quantization_report` (a `QuantizationReport`) and printed if `verbose`.
+    plus one layer's temporaries. All or nothing: every weight is checked first (float, not empty, finite
+    in float32), so a bad one raises an error naming its layer before any layer has changed. The byte
+    counts before and after are kept in `model.quantization_report` (a `QuantizationReport`) and printed
+    if `verbose`.
     """
     _check_quant_options(blocksize, double_quant, quant_type, compute_dtype)
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
@@ -236,6 +254,8 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     if not names:
         raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear layer outside "
                          f"skip={skip!r}")
+    for name in names:  # all or nothing: find a weight that cannot be quantized before changing any layer
+        _check_quantizable(name, model.get_submodule(name).weight)
     bytes_before = model_nbytes(model)
     linear_before = linear_after = 0
     for name in names:

@@ -12,6 +12,9 @@ kernels, written separately, so equality there is a separate fact to check:
    8-bit constants, their second-level absmax and the offset.
 3. The layer: `minilora.qlora.Linear4bit` vs `bitsandbytes.nn.Linear4bit` (nf4, double quant, bf16 compute)
    built from the same weight: outputs and input gradients, relative max difference ≤ 1e-2 (bf16 rounding).
+4. Dequantize speed, side by side: `minilora.nf4.dequantize_4bit` vs bitsandbytes' kernel on the same
+   device, NF4 -> bf16, and a bf16 copy of the output as the memory-bandwidth yardstick (median of timed
+   runs after a warm-up), in a second table: figures, not checks (only unequal decoded values fail).
 
 Prints a Markdown table (and writes it to OUT/correctness.md); exit status 1 if any check fails.
 """
@@ -29,8 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import statistics  # noqa: E402
+import time  # noqa: E402
+
 from minilora.double_quant import QuantizedWeight  # noqa: E402
-from minilora.nf4 import quantize_4bit  # noqa: E402
+from minilora.machine import describe_line  # noqa: E402
+from minilora.nf4 import dequantize_4bit, quantize_4bit  # noqa: E402
 from minilora.qlora import Linear4bit  # noqa: E402
 
 FULL_SHAPES = ((4096, 4096), (11008, 4096), (1000, 333))  # the last: partial final block, odd element count
@@ -98,6 +105,36 @@ def check_linear4bit(shape, device) -> tuple[bool, str]:
     return ok, f"outputs: relative max diff {out_diff:.2e}; input gradients: {grad_diff:.2e}"
 
 
+def median_ms(fn, device: torch.device, repeats: int = 20) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def time_dequantize(shape, device) -> dict:
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=torch.bfloat16)
+    packed, absmax = quantize_4bit(w, blocksize=64, quant_type="nf4")
+    their_packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ours = median_ms(lambda: dequantize_4bit(packed, absmax, shape, 64, "nf4", torch.bfloat16), device)
+    theirs = median_ms(lambda: bnbf.dequantize_4bit(their_packed, state), device)
+    copy = median_ms(lambda: w.clone(), device)
+    equal = _differing(dequantize_4bit(packed, absmax, shape, 64, "nf4", torch.bfloat16).view(torch.int16),
+                       bnbf.dequantize_4bit(their_packed, state).view(torch.int16)) == 0
+    return {"shape": shape, "ours": ours, "bnb": theirs, "copy": copy, "equal": equal}
+
+
 def run_checks(device: torch.device, shapes) -> list[tuple[str, bool, str]]:
     results = []
     for shape in shapes:
@@ -109,9 +146,20 @@ def run_checks(device: torch.device, shapes) -> list[tuple[str, bool, str]]:
     return results
 
 
+def speed_markdown(timings) -> str:
+    rows = ["", "Dequantize NF4 -> bf16, blocksize 64, median of 20 runs:", "",
+            "| shape | minilora (ms) | bitsandbytes (ms) | ratio | bf16 copy (ms) | vs copy | values |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    rows += [f"| {t['shape'][0]}×{t['shape'][1]} | {t['ours']:.3f} | {t['bnb']:.3f} | {t['ours'] / t['bnb']:.2f}x | "
+             f"{t['copy']:.3f} | {t['ours'] / t['copy']:.2f}x | {'equal' if t['equal'] else 'DIFFER'} |"
+             for t in timings]
+    return "\n".join(rows)
+
+
 def markdown(results, device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rows = [f"minilora vs bitsandbytes on {name}:", "", "| check | result | detail |", "|---|---|---|"]
+    rows = [f"minilora vs bitsandbytes on {name}:", "", describe_line(), "",
+            "| check | result | detail |", "|---|---|---|"]
     rows += [f"| {check} | {'PASS' if ok else 'FAIL'} | {detail} |" for check, ok, detail in results]
     return "\n".join(rows)
 
@@ -123,8 +171,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU and small shapes")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else args.device)
-    results = run_checks(device, DRY_RUN_SHAPES if args.dry_run else FULL_SHAPES)
-    table = markdown(results, device)
+    shapes = DRY_RUN_SHAPES if args.dry_run else FULL_SHAPES
+    results = run_checks(device, shapes)
+    timings = [time_dequantize(shape, device) for shape in shapes]
+    table = markdown(results, device) + "\n" + speed_markdown(timings)
     print(table, flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -132,7 +182,7 @@ def main(argv=None) -> int:
         tmp = target.with_suffix(".tmp")
         tmp.write_text(table + "\n")
         tmp.replace(target)
-    return 0 if all(ok for _, ok, _ in results) else 1
+    return 0 if all(ok for _, ok, _ in results) and all(t["equal"] for t in timings) else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # under 8 minutes:
 #
 #   1. correctness: minilora's NF4 bytes, double-quantized constants and Linear4bit outputs/input gradients
-#      against bitsandbytes' CUDA kernels (scripts/bnb_check.py)
+#      against bitsandbytes' CUDA kernels, and dequantize 4096², 11008×4096 → bf16 timed beside bitsandbytes'
+#      CUDA kernel and a bf16 copy (scripts/bnb_check.py)
 #   2. speed and memory: the QLoRA 7B recipe on a random-init llama-7b, minilora beside transformers +
 #      bitsandbytes + peft, at seq 512 and 2048 (scripts/qlora_7b.py --stack both)
 #
@@ -23,7 +24,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (allowed: --dry-run)" >&2; exit 2 ;;
     *) OUT="$arg" ;;
   esac

@@ -14,6 +14,7 @@ FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
     "checks": 0,  # the shared checks of public arguments
+    "kernels": 0,  # the fast encode/decode kernels: tables are handed in, nothing of ours imported
     "bypass": 1,  # what LoRA and AdaLoRA layers share; which layers get one; merging
     "nf4": 1,
     "architecture": 1,  # model shapes, presets and parameter counts (the memory model's first step)

@@ -1,0 +1,172 @@
+"""The fast kernels beside the readable ones: blockwise 4-bit encode and decode in cache-sized steps.
+
+minilora/nf4.py shows the algorithm in one piece (`quantize_4bit_reference`, `dequantize_4bit_reference`).
+This file runs the same arithmetic in a way that is fast on a CPU, and nothing else; tests/test_kernels.py
+proves every result equal to the references, bit for bit. It is on the ground floor: it imports nothing of
+ours, and the tables (16 levels, 256 byte pairs, midpoints) are handed in by nf4.py.
+
+Why it is shaped like this (measured on a 2-core AVX2 machine, 4096 x 4096 NF4 -> bf16; see
+benchmarks/results/):
+
+1. Few, cheap passes over memory. A byte holds two 4-bit codes, so a 256-entry table of level *pairs*
+   decodes a byte with one gather, instead of two shifts, two gathers and an interleave. The product
+   level · absmax is formed in float32 and written straight into the output dtype (one rounding, as in
+   the reference and in bitsandbytes).
+2. Steps of CHUNK_ELEMENTS values: the temporaries of one step (an int64 index, the gathered levels) stay
+   in the CPU's L2 cache. A whole-tensor version of the same three ops is 2-3x slower: every temporary
+   goes to RAM and back.
+3. One thread, no parallel region. Each step's ops are small (CHUNK_ELEMENTS = ATen's parallel grain
+   size), and opening a parallel region per op was the collapse measured beside a busy process (issue 12:
+   47x slower than bitsandbytes): each of hundreds of regions waited for a descheduled thread. Decoding is
+   memory-bound; a second thread bought nothing here (a pool of workers, one run of steps each, was
+   slower than one thread on this loaded 2-core machine, so it was dropped).
+4. On a GPU the opposite holds (each op is a kernel launch), so there a step is the whole tensor. Under
+   torch.compile nf4.py hands the compiler the reference formula instead, which it fuses into one loop.
+5. No fresh output per call where it is safe: a newly allocated 4096 x 4096 bf16 tensor costs ~8,200 page
+   faults, about as long as the decode itself. `scratch` keeps one buffer per (size, dtype, device,
+   thread) for callers whose result never escapes (Linear4bit's forward and backward).
+
+Tables are built once per device and kept in `cached` (never rebuilt on the hot path; the old per-call
+rebuild cost ~0.3 ms per decode and stopped `torch.compile(fullgraph=True)` at a `.tolist()`).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+# = ATen's at::internal::GRAIN_SIZE: ops on at most this many elements run on the calling thread (point 3).
+CHUNK_ELEMENTS = 1 << 15
+
+_CACHE: dict = {}
+
+
+def cached(key: tuple, build):
+    """`build()`'s result, computed once per `key` (which names the device) and kept for the process.
+
+    For small constant tables only. Callers must never modify what they get back: it is shared.
+    """
+    value = _CACHE.get(key)
+    if value is None:
+        value = build()
+        _CACHE[key] = value
+    return value
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable 1-D buffer of `numel` elements (point 5), one per calling thread.
+
+    Only for results that are consumed before the next call with the same size on the same thread, e.g. a
+    decoded weight that one matmul reads and then drops. The contents are garbage on return.
+    """
+    key = ("scratch", numel, dtype, torch.device(device), threading.get_ident())
+    return cached(key, lambda: torch.empty(numel, dtype=dtype, device=device))
+
+
+def step_elements(device: torch.device, blocksize: int, n: int) -> int:
+    """How many values one step handles: cache-sized on a CPU (point 2), everything at once elsewhere."""
+    if device.type != "cpu":
+        return max(n - n % blocksize, blocksize)
+    return max(CHUNK_ELEMENTS, blocksize)  # a multiple of blocksize (both are powers of two), hence even
+
+
+def run_steps(total: int, step: int, device: torch.device, work) -> None:
+    """Call `work(start, stop)` for the steps [start, stop) covering range(0, total), `step` values each.
+
+    On a CPU every op of every step runs on the calling thread (point 3): torch.set_num_threads(1) for the
+    duration (OpenMP keeps the thread count per calling thread, so other threads are not affected), then
+    the caller's count is restored, also when `work` raises.
+    """
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for start in range(0, total, step):
+            work(start, min(start + step, total))
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode: out[i] = level(q_i) · absmax[i // blocksize]
+# ----------------------------------------------------------------------------------------------------
+
+
+def scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values[i] · scales[i // blocksize] for 1-D `values`: full blocks as one (blocks, blocksize) broadcast,
+    a last partial block on its own.
+
+    The same numbers as `values * scales.repeat_interleave(blocksize)[:n]`, in a shape that torch.compile
+    gets right: inductor 2.13 on CPU tiles `i // blocksize` into (blocks, blocksize) loops and silently
+    never writes a last partial block (tests/test_compile.py catches it).
+    """
+    n = values.numel()
+    full = n - n % blocksize
+    head = (values[:full].view(-1, blocksize) * scales[: full // blocksize].unsqueeze(1)).view(-1)
+    if full == n:
+        return head
+    return torch.cat([head, values[full:] * scales[full // blocksize]])
+
+
+
+def decode_full_blocks(flat_bytes, flat_absmax, full: int, blocksize: int, pair_table, out) -> None:
+    """Decode the first `full` values (a multiple of blocksize) into `out[:full]`.
+
+    pair_table: (256,) int64, entry b = the float32 levels of b's high and low nibble side by side (so one
+    gather moves both; see nf4.byte_pair_table). flat_absmax: float32, one per block. out: 1-D, any float
+    dtype; the float32 product is rounded once into it.
+    """
+    def work(start: int, stop: int) -> None:
+        index = flat_bytes[start // 2: stop // 2].long()  # uint8 -> int64, as index_select needs
+        levels = pair_table.index_select(0, index).view(torch.float32).view(-1, blocksize)
+        torch.mul(levels, flat_absmax[start // blocksize: stop // blocksize].unsqueeze(1),
+                  out=out[start:stop].view(-1, blocksize))
+
+    run_steps(full, step_elements(out.device, blocksize, full), out.device, work)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encode: count the midpoints below each scaled value, pack two codes per byte
+# ----------------------------------------------------------------------------------------------------
+
+
+def count_midpoints_below(scaled: torch.Tensor, midpoints: list[float]) -> torch.Tensor:
+    """How many of `midpoints` lie strictly below each value: `searchsorted(midpoints, scaled)`, as float32.
+
+    Same answer as the binary search, computed with whole-tensor arithmetic instead: sign(v - m) is +1 when
+    v > m, -1 when v < m and 0 on a tie (float32 subtraction is exactly 0 only for equal values). Summed
+    over the M midpoints, Σ sign(v - m_j) = below - above = 2·below + ties - M, so
+
+        below = floor((M + Σ_j sign(v - m_j)) / 2)      (a tie adds ½ and is floored away: ties go lower)
+
+    M passes of subtract-and-sign are several times faster on CPU than a per-element binary search.
+    `midpoints` is a list of Python floats (exact float32 values), so the loop reads no tensor.
+    """
+    total = torch.full_like(scaled, float(len(midpoints)))
+    diff = torch.empty_like(scaled)
+    for m in midpoints:
+        torch.sub(scaled, m, out=diff)
+        total += diff.sign_()
+    return total.mul_(0.5).floor_()
+
+
+def encode_full_blocks(flat, full: int, blocksize: int, midpoints, pattern_of_position, packed_out,
+                       absmax_out) -> None:
+    """Quantize the first `full` values of `flat` (a multiple of blocksize) into the preallocated outputs.
+
+    Per block: absmax = max |x|, scaled = x · (1/absmax) (a reciprocal, as bitsandbytes), nearest level by
+    `count_midpoints_below`, then byte = q[2k] << 4 | q[2k+1]. pattern_of_position maps sorted position to
+    4-bit pattern (uint8, 16) or is None when the code is sorted already (NF4).
+    """
+    def work(start: int, stop: int) -> None:
+        blocks = flat[start:stop].to(torch.float32, copy=True).view(-1, blocksize)  # a copy: scaled in place
+        absmax = absmax_out[start // blocksize: stop // blocksize]
+        # max |x| as max(max x, -min x): the same number without an |x| copy; abs_() makes a zero block +0.0.
+        torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_(), out=absmax).abs_()
+        scaled = blocks.mul_((1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).view(-1)
+        position = count_midpoints_below(scaled, midpoints).to(torch.uint8)
+        q = pattern_of_position[position.long()] if pattern_of_position is not None else position
+        torch.bitwise_or(q[0::2] << 4, q[1::2], out=packed_out[start // 2: stop // 2])
+
+    run_steps(full, step_elements(flat.device, blocksize, full), flat.device, work)
