@@ -121,7 +121,7 @@ def prepare(method: str, r: int | None) -> nn.Module:
     return model
 
 
-def split_by_first_letter(task: str, n: int, seed: int, first_half: bool) -> data.TaskData:
+def split_by_first_letter(task: str, n: int, seed: int, first_half: bool) -> data.TokenData:
     """The examples of make_task(task, n, seed) whose string starts with a letter of the first half of the
     alphabet (a-h), or of the second half (i-p): about n / 2 of them."""
     examples = data.make_task(task, n, seed)
