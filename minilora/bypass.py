@@ -107,7 +107,9 @@ class LowRankLinear(nn.Module):
         return nn.Parameter(torch.zeros(*shape, device=_device_of(self.base), dtype=torch.float32))
 
     def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """ΔW, the (out, in) matrix the bypass adds to W0; each layer defines its own (LoRA: s·B A)."""
+        raise TypeError(f"{type(self).__name__} has no delta_weight(): LowRankLinear is the part LoRALinear and "
+                        f"SVDLinear share, not a layer of its own")
 
     def merge(self) -> None:
         """W0 ← W0 + ΔW in place: afterwards forward is one plain matmul (zero extra latency)."""
