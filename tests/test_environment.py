@@ -55,6 +55,7 @@ def test_python_version_agrees():
 
 
 def _make_lab(*options: str) -> str:
+    import os
     import shutil
     import subprocess
 
@@ -62,8 +63,10 @@ def _make_lab(*options: str) -> str:
         pytest.skip("make is not installed")
     # -o: treat the install stamp as up to date, so that `make -n` only prints the lab command. (A makefile
     # named as a target would be remade even under -n: make runs its recipe, a whole pip install.)
-    done = subprocess.run(["make", "-n", "-o", ".venv/.minilora-installed", "lab", "PY=python", *options],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Run as a top-level make even when the suite itself runs under `make test` (no "Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    done = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.minilora-installed", "lab",
+                           "PY=python", *options], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()[-1]
 
