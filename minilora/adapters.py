@@ -11,9 +11,14 @@ bypasses. peft stores it as a folder with two files:
 writes that folder, `load_adapter` reads it back into a plain transformers model, adding the LoRA layers first
 if the model has none.
 
-Unlike peft we are strict: a missing key, an unexpected key, a wrong shape or a config setting we do not
-implement is an error that names the file and the key. (peft only warns about missing keys and silently drops
-unknown ones, so an adapter saved under a wrong prefix "loads" and then does nothing.)
+Unlike peft we are strict (minilora.adapter_files: the layout and the checks every adapter type shares):
+a missing key, an unexpected key, a wrong shape or a config setting we do not implement is an error that
+names the file and the key.
+
+Every LoRA option of minilora.lora.LoraConfig goes into the files as peft writes it: rsLoRA and DoRA
+(`use_rslora`, `use_dora`, plus one `lora_magnitude_vector` per layer), rank_pattern / alpha_pattern,
+layers_to_transform, exclude_modules, the trained biases (`bias`, a base layer's bias under peft's name
+"<module>.base_layer.bias") and modules_to_save (each parameter under the module's own path).
 
 One adapter type per peft_type. Each type supplies three small functions: its tensors and config as they go
 into the files (`lora_state`), the settings read back from the JSON (`lora_config_from_json`), and the loader
@@ -34,37 +39,54 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from minilora.adapter_files import (  # the folder layout and the strict checks every adapter type shares
+    CONFIG_NAME,
+    LORA_PLAIN_SETTINGS,
+    PREFIX,
+    WEIGHTS_NAME,
+    check_config_matches,
+    check_plain,
+    check_tensors,
+    read_adapter_config,
+    read_adapter_tensors,
+)
+from minilora.family import add_dora
 from minilora.files import write_atomically
-from minilora.lora import LoraConfig, add_lora, find_target_modules, lora_layers, selected_modules
+from minilora.lora import (
+    LoraConfig,
+    ModulesToSave,
+    add_lora,
+    find_target_modules,
+    lora_layers,
+    modules_to_save_names,
+    rslora_scaling,
+    selected_modules,
+)
 from minilora.svd_adapter import AdaLoraConfig, add_adalora, svd_layers
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."   # PeftModel.base_model (LoraModel) .model (the original model)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, config, task_type: str | None = "infer") -> Path:
-    """Write the adapter of `model` (trained with `config`) into folder `path` in peft's format; returns path.
+def save_adapter(model: nn.Module, path: str | os.PathLike, config, task_type: str | None = "infer",
+                 adapter_name: str | None = None) -> Path:
+    """Write an adapter of `model` (trained with `config`) into folder `path` in peft's format; returns path.
 
-    `config` must describe the model's adapter layers exactly (the same modules, r and lora_alpha), or the
-    file would load as a different adapter. `task_type` tells peft which wrapper to build: "infer" (the
-    default) writes "CAUSAL_LM" for a model that can generate (it has `prepare_inputs_for_generation`) and
-    leaves it unset otherwise (an encoder such as BertModel then loads as a plain PeftModel); or give it.
+    `config` must describe the adapter exactly (the same modules, ranks, scales and options), or the file
+    would load as a different adapter. `adapter_name`: which adapter of a model that holds several (default:
+    the active one). `task_type` tells peft which wrapper to build: "infer" (the default) writes
+    "CAUSAL_LM" for a model that can generate (it has `prepare_inputs_for_generation`) and leaves it unset
+    otherwise (an encoder such as BertModel then loads as a plain PeftModel); or give it.
 
     Each file is written under a temporary name in the same folder, then renamed over the old one, so a crash
     never leaves a half-written file under the real name.
     """
     if isinstance(config, LoraConfig):
-        tensors, config_json = lora_state(model, config)
+        tensors, config_json = lora_state(model, config, adapter_name)
     elif isinstance(config, AdaLoraConfig):
         tensors, config_json = adalora_state(model, config)
     else:
@@ -80,78 +102,100 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, config, task_type: s
     return folder
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load the adapter in folder `path` (saved by minilora or by peft) into `model`, in place; returns it.
 
-    A model without LoRA layers gets them first, built from the adapter's config; a model that already has
-    them must match the file exactly (same modules, same shapes).
+    A model without LoRA layers gets them first, built from the adapter's config. With `adapter_name` new to
+    the model, the adapter goes in beside the ones it has, inactive (peft's load_adapter; switch with
+    minilora.switching.set_adapter). Otherwise the file fills the model's existing adapter (the active one,
+    or `adapter_name`), which must match it exactly (same modules, same shapes).
     """
     folder = Path(path)
     config_json = read_adapter_config(folder)
     tensors = read_adapter_tensors(folder)
     peft_type = config_json["peft_type"]
     if peft_type == "LORA":
-        return load_lora_state(model, config_json, tensors, folder)
+        return load_lora_state(model, config_json, tensors, folder, adapter_name)
     if peft_type == "ADALORA":
+        if adapter_name is not None:
+            raise ValueError(f"load_adapter: adapter_name={adapter_name!r}: AdaLoRA adapters come one per model")
         return load_adalora_state(model, config_json, tensors, folder)
     raise ValueError(f"{folder / CONFIG_NAME}: peft_type={peft_type!r} is not supported "
                      f"(supported: 'LORA', 'ADALORA')")
-
-
-def check_config_matches(model: nn.Module, target_modules, layers: dict, kind: str) -> None:
-    """The config's target_modules must select exactly the modules that carry the layers (else peft would
-    rebuild the bypasses in other places than the saved weights come from)."""
-    selected = set(selected_modules(model, target_modules))
-    if selected != set(layers):
-        odd = sorted(selected ^ set(layers))
-        raise ValueError(f"save_adapter: target_modules={target_modules!r} does not select the model's {kind} "
-                         f"layers (they differ in {odd[:3]}); pass the config the layers were made with")
 
 
 # ----------------------------------------------------------------------------------------------------
 # LoRA: what goes into the files, and back
 # ----------------------------------------------------------------------------------------------------
 
-# peft settings that change what the adapter computes, with the plain-LoRA value minilora implements.
-# We write them into every config (peft then reads our file as plain LoRA) and refuse files that differ.
-LORA_PLAIN_SETTINGS = {
-    "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "lora_bias": False,
-    "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
-    "layers_pattern": None, "exclude_modules": None,
-}
-# Newer peft options that also change the forward pass or the set of adapted modules; must be absent or empty.
-LORA_MUST_BE_EMPTY = ("target_parameters", "layer_replication", "trainable_token_indices", "use_qalora",
-                      "use_bdlora", "alora_invocation_tokens", "arrow_config", "kasa_config",
-                      "monteclora_config", "velora_config")
+LORA_OPTIONS = ("bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
+                "layers_to_transform", "layers_pattern", "exclude_modules")
+FILE_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",   # peft stores A and B as nn.Linear
+             "lora_magnitude_vector": "lora_magnitude_vector"}     # DoRA's m as a plain parameter
 
 
-def check_plain_lora_layer(name: str, layer) -> None:
-    """Refuse what a plain LoRA file cannot say: peft would read it back as another model (chapter 1, LoRA's
-    family: DoRA layers go to `minilora.family.save_dora`)."""
-    if hasattr(layer, "lora_magnitude_vector"):
-        raise ValueError(f"save_adapter: layer {name!r} is a DoRA layer; a plain LoRA file would drop its "
-                         f"magnitudes: save it with minilora.family.save_dora")
-    if not math.isclose(layer.scaling, layer.lora_alpha / layer.r):
-        raise ValueError(f"save_adapter: layer {name!r} has scaling={layer.scaling}, not lora_alpha / r = "
-                         f"{layer.lora_alpha / layer.r} (rsLoRA, or set by hand); a plain LoRA file says α/r, "
-                         f"so peft would load another model (rsLoRA files: minilora.family.save_dora, with DoRA)")
+def lora_layout(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """{key in adapter_model.safetensors: shape} of the adapter `config` puts on `model` (adapted or not).
+
+    Per adapted module: lora_A (r, in) and lora_B (out, r), with r from rank_pattern, and DoRA's magnitudes
+    (out,); the trained biases (`bias`); every parameter of each module in `modules_to_save`. Keys use
+    peft's names: a base layer is "base_layer" there, and a saved module's copy is stored under its own name.
+    """
+    layout = {}
+    for name in find_target_modules(model, config.target_modules, **config.rules()):
+        module = model.get_submodule(name)
+        r, _ = config.rank_and_alpha(name)
+        layout[f"{PREFIX}{name}.lora_A.weight"] = (r, module.in_features)
+        layout[f"{PREFIX}{name}.lora_B.weight"] = (module.out_features, r)
+        if config.use_dora:
+            layout[f"{PREFIX}{name}.lora_magnitude_vector"] = (module.out_features,)
+        bias = getattr(module, "bias", None)
+        if config.bias == "lora_only" and bias is not None:
+            layout[f"{PREFIX}{name}.base_layer.bias"] = tuple(bias.shape)
+    if config.bias == "all":
+        for key, param in model.named_parameters():
+            if "bias" in key and "lora_" not in key and ".parked." not in key:
+                layout[PREFIX + key.replace(".base.bias", ".base_layer.bias")] = tuple(param.shape)
+    for name in modules_to_save_names(model, config.modules_to_save):
+        module = model.get_submodule(name)
+        module = module.modules_to_save if isinstance(module, ModulesToSave) else module
+        for key, param in module.named_parameters():
+            layout[f"{PREFIX}{name}.{key}"] = tuple(param.shape)
+    return layout
 
 
-def lora_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors with peft's key names, config dict for adapter_config.json) of every LoRALinear in `model`."""
-    layers = lora_layers(model)
+def lora_tensor(model: nn.Module, key: str, adapter_name: str) -> torch.Tensor:
+    """The model's tensor behind file key `key` (a key of `lora_layout`) for adapter `adapter_name`."""
+    path = key[len(PREFIX):]
+    for attribute, file_key in FILE_KEYS.items():
+        if path.endswith("." + file_key):
+            layer = model.get_submodule(path[:-len(file_key) - 1])
+            return getattr(layer.adapter(adapter_name), attribute)
+    if path.endswith(".base_layer.bias"):
+        return model.get_submodule(path[:-len(".base_layer.bias")]).base.bias
+    owner, _, parameter = path.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    while not isinstance(module, ModulesToSave) and owner:   # a parameter inside a saved module's copy?
+        owner, _, inner = owner.rpartition(".")
+        module, parameter = (model.get_submodule(owner) if owner else model), f"{inner}.{parameter}"
+    if isinstance(module, ModulesToSave):
+        return module.modules_to_save.get_parameter(parameter)
+    return model.get_parameter(path)
+
+
+def lora_state(model: nn.Module, config: LoraConfig, adapter_name: str | None) -> tuple[dict, dict]:
+    """(tensors with peft's key names, config dict for adapter_config.json) of one LoRA adapter of `model`."""
+    everything = lora_layers(model)
+    adapter_name = adapter_name or active_adapter_name(everything)
+    layers = {name: layer for name, layer in everything.items() if adapter_name in layer.adapter_names()}
     if not layers:
-        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRALinear layers "
-                         f"(call add_lora first; AdaLoRA layers need an AdaLoraConfig)")
-    check_config_matches(model, config.target_modules, layers, "LoRA")
-    tensors = {}
+        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layers with adapter "
+                         f"{adapter_name!r} (call add_lora first; AdaLoRA layers need an AdaLoraConfig)")
+    check_config_matches(model, selected_modules(model, config.target_modules, **config.rules()), layers, "LoRA")
     for name, layer in layers.items():
-        if layer.r != config.r or layer.lora_alpha != config.lora_alpha:
-            raise ValueError(f"save_adapter: layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
-                             f"but config says r={config.r}, lora_alpha={config.lora_alpha}")
-        check_plain_lora_layer(name, layer)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to("cpu").contiguous()
+        check_layer_fits(name, layer.adapter(adapter_name), config, layer.USES_DORA)
+    tensors = {key: lora_tensor(model, key, adapter_name).detach().to("cpu").contiguous()
+               for key in lora_layout(model, config)}
     targets = config.target_modules
     config_json = {
         "peft_type": "LORA",
@@ -164,72 +208,77 @@ def lora_state(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Te
         "base_model_name_or_path": None,
         "revision": None,
         **LORA_PLAIN_SETTINGS,
+        **{key: getattr(config, key) for key in LORA_OPTIONS},
     }
     return tensors, config_json
 
 
-def check_plain(config_json: dict, config_file: Path, required: tuple, kind: str, own: tuple = ()) -> None:
-    """The required fields are there, and every setting that would change the forward pass is plain
-    (`own`: settings the adapter type reads itself)."""
-    for key in required:
-        if key not in config_json:
-            raise ValueError(f"{config_file}: required field {key!r} is missing")
-    plain_settings = {**LORA_PLAIN_SETTINGS, **{key: None for key in LORA_MUST_BE_EMPTY}}
-    for key, plain in plain_settings.items():
-        value = config_json.get(key, plain)
-        if key not in own and value != plain and not (not value and not plain):  # None, False, {}, [] = off
-            raise ValueError(f"{config_file}: {key}={value!r} is not supported by minilora "
-                             f"(plain {kind} needs {plain!r})")
+def active_adapter_name(layers: dict) -> str:
+    names = {layer.adapter_name for layer in layers.values() if not layer.disabled}
+    return names.pop() if len(names) == 1 else "default"
+
+
+def check_layer_fits(name: str, adapter, config: LoraConfig, uses_dora: bool, what: str = "save_adapter") -> None:
+    """The adapter of layer `name` is what `config` says: its r, lora_alpha, scale (α/r or α/√r), kind."""
+    r, alpha = config.rank_and_alpha(name)
+    scaling = rslora_scaling(alpha, r) if config.use_rslora else alpha / r
+    if (adapter.r, adapter.lora_alpha) != (r, alpha) or not math.isclose(adapter.scaling, scaling) \
+            or uses_dora != config.use_dora:
+        raise ValueError(f"{what}: layer {name!r} has r={adapter.r}, lora_alpha={adapter.lora_alpha}, "
+                         f"scaling={adapter.scaling:g}, DoRA={uses_dora}, but the config says r={r}, "
+                         f"lora_alpha={alpha}, scaling={scaling:g} (use_rslora={config.use_rslora}), "
+                         f"DoRA={config.use_dora}: peft would load another model")
 
 
 def lora_config_from_json(config_json: dict, config_file: Path) -> LoraConfig:
     """A LoraConfig from adapter_config.json, refusing settings that would change the forward pass."""
-    check_plain(config_json, config_file, ("r", "lora_alpha", "target_modules"), "LoRA")
+    check_plain(config_json, config_file, ("r", "lora_alpha", "target_modules"), "LoRA", own=LORA_OPTIONS)
     init = config_json.get("init_lora_weights", True)
     targets = config_json["target_modules"]
+    options = {key: config_json[key] for key in LORA_OPTIONS if config_json.get(key) is not None}
     try:
         return LoraConfig(r=config_json["r"], lora_alpha=config_json["lora_alpha"],
                           lora_dropout=config_json.get("lora_dropout", 0.0),
                           target_modules=targets if isinstance(targets, str) else tuple(targets),
-                          init="gaussian" if init == "gaussian" else "kaiming")
+                          init="gaussian" if init == "gaussian" else "kaiming", **options)
     except ValueError as err:
         raise ValueError(f"{config_file}: {err}") from err
 
 
-def load_lora_state(model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor],
-                    folder: Path) -> nn.Module:
-    """Check every key and shape against the model first, then add LoRA layers if needed, then copy."""
+def load_lora_state(model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], folder: Path,
+                    adapter_name: str | None) -> nn.Module:
+    """Check every key and shape against the model first, then add the adapter if it is new, then copy."""
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     config = lora_config_from_json(config_json, config_file)
     layers = lora_layers(model)
-    if layers:   # already adapted: the layers must be exactly those of the file
-        for name, layer in layers.items():
-            if layer.merged:
-                raise ValueError(f"load_adapter: layer {name!r} is merged; unmerge() it before loading "
-                                 f"new weights")
-        expected = {name: (layer.r, layer.in_features, layer.out_features) for name, layer in layers.items()}
-    else:        # plain model: the config says where the layers go
-        try:
-            names = find_target_modules(model, config.target_modules)
+    names = sorted({name for layer in layers.values() for name in layer.adapter_names()})
+    new = adapter_name not in names if adapter_name is not None else not layers
+    adapter_name = adapter_name or active_adapter_name(layers)
+    if not new and any(layer.merged for layer in layers.values()):
+        raise ValueError("load_adapter: the model's layers are merged; unmerge() them before loading weights")
+    try:
+        layout = lora_layout(model, config)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{config_file}: the config does not fit {type(model).__name__}: {err}") from err
+    check_tensors(tensors, layout, weights_file)
+    if new:
+        family = add_dora if config.use_dora else add_lora
+        try:   # add_lora checks everything before it changes anything: a failure leaves the model as it was
+            family(model, config, adapter_name)
         except (ValueError, TypeError) as err:
-            raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
-                            f"{type(model).__name__}: {err}") from err
-        expected = {name: (config.r, model.get_submodule(name).in_features,
-                           model.get_submodule(name).out_features) for name in names}
-
-    shapes = {}
-    for name, (r, d_in, d_out) in expected.items():
-        shapes[f"{PREFIX}{name}.lora_A.weight"] = (r, d_in)
-        shapes[f"{PREFIX}{name}.lora_B.weight"] = (d_out, r)
-    check_tensors(tensors, shapes, weights_file)
-
-    if not layers:
-        _add_layers(add_lora, model, config, config_file)
-        layers = lora_layers(model)
+            raise type(err)(f"{config_file}: the adapter does not fit {type(model).__name__}: {err}") from err
+    else:   # into the model's adapter `adapter_name`: the same layers, the same settings
+        carriers = {name: layer for name, layer in layers.items() if adapter_name in layer.adapter_names()}
+        odd = sorted(set(carriers) ^ set(find_target_modules(model, config.target_modules, **config.rules())))
+        if odd:
+            raise ValueError(f"load_adapter: {config_file} adapts other layers than the model's adapter "
+                             f"{adapter_name!r} (they differ in {odd[:3]}); load into the plain model, or "
+                             f"beside it under a new adapter_name")
+        for name, layer in carriers.items():
+            check_layer_fits(name, layer.adapter(adapter_name), config, layer.USES_DORA, "load_adapter")
     with torch.no_grad():
-        for name, layer in layers.items():
-            layer.lora_A.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
-            layer.lora_B.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+        for key, tensor in tensors.items():
+            lora_tensor(model, key, adapter_name).copy_(tensor)
     return model
 
 
@@ -252,7 +301,7 @@ def adalora_state(model: nn.Module, config: AdaLoraConfig) -> tuple[dict[str, to
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no SVDLinear layers "
                          f"(call add_adalora first)")
-    check_config_matches(model, config.target_modules, layers, "AdaLoRA")
+    check_config_matches(model, selected_modules(model, config.target_modules), layers, "AdaLoRA")
     tensors, rank_pattern = {}, {}
     for name, layer in layers.items():
         if layer.ranknum.item() != config.init_r or layer.lora_alpha != config.lora_alpha:
@@ -362,55 +411,3 @@ def _add_layers(add, model: nn.Module, config, config_file: Path) -> None:
     except (ValueError, TypeError) as err:
         raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
                         f"{type(model).__name__}: {err}") from err
-
-
-# ----------------------------------------------------------------------------------------------------
-# Files: strict reading, atomic writing (shared by every adapter type)
-# ----------------------------------------------------------------------------------------------------
-
-
-def check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
-                  weights_file: Path) -> None:
-    """The file must hold exactly the keys in `shapes`, each a float tensor of that shape."""
-    missing = sorted(set(shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(shapes))
-    if missing:
-        raise ValueError(f"{weights_file}: {len(missing)} key(s) missing, e.g. {missing[:3]} "
-                         f"(the model expects {len(shapes)} keys)")
-    if unexpected:
-        raise ValueError(f"{weights_file}: {len(unexpected)} unexpected key(s) that match no LoRA layer of "
-                         f"the model, e.g. {unexpected[:3]}")
-    for key, shape in shapes.items():
-        tensor = tensors[key]
-        if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"{weights_file}: key {key!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(shape)}")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{weights_file}: key {key!r} has dtype {tensor.dtype}, expected a float dtype")
-
-
-def read_adapter_config(folder: Path) -> dict:
-    config_file = folder / CONFIG_NAME
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist")
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing (an adapter folder needs {CONFIG_NAME} "
-                                f"and {WEIGHTS_NAME})")
-    try:
-        config_json = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON (truncated or corrupt?): {err}") from err
-    if not isinstance(config_json, dict) or "peft_type" not in config_json:
-        raise ValueError(f"{config_file}: no 'peft_type' field; is this a peft adapter config?")
-    return config_json
-
-
-def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    weights_file = folder / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} is missing (an adapter folder needs {CONFIG_NAME} "
-                                f"and {WEIGHTS_NAME})")
-    try:
-        return load_file(weights_file)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{weights_file} could not be read (truncated or corrupt?): {err}") from err

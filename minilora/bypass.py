@@ -24,15 +24,21 @@ dtype of the model's embeddings unless told otherwise).
 
 from __future__ import annotations
 
-import re
+import copy
 import warnings
 
 import torch
 from torch import nn
 
 from minilora.checks import check_int, check_number
-
-ALL_LINEAR = "all-linear"
+from minilora.targets import (  # peft's rules for which modules, by name
+    ALL_LINEAR,
+    check_target_modules,
+    is_excluded,
+    layer_index,
+    matches,
+    output_head_name,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Checking inputs
@@ -58,8 +64,8 @@ def check_bypass_options(r, lora_alpha, lora_dropout) -> None:
     check_number("lora_dropout", lora_dropout, 0, 1, high_open=True, why=" (a probability)")
 
 
-def check_base(base: nn.Module, r: int) -> None:
-    """Raise TypeError unless `base` can carry a bypass, ValueError if rank r cannot fit its weight."""
+def check_base(base: nn.Module) -> None:
+    """Raise TypeError unless `base` can carry a bypass (an nn.Linear with a float weight, or the protocol)."""
     if not is_linear_like(base):
         raise TypeError(f"base must be an nn.Linear (or follow the base-layer protocol of minilora.lora: "
                         f"in_features, out_features, bias, dequantized_weight(dtype)), "
@@ -67,12 +73,32 @@ def check_base(base: nn.Module, r: int) -> None:
     if isinstance(base, nn.Linear) and not base.weight.is_floating_point():
         raise TypeError(f"base weight must be a float tensor to add a LoRA update to it, "
                         f"got dtype={base.weight.dtype}")
-    in_features, out_features = base.in_features, base.out_features
-    if r > min(in_features, out_features):
+
+
+def check_rank_fits(base: nn.Module, r: int) -> None:
+    """Raise ValueError if rank r is larger than the weight allows (AdaLoRA: its P Λ Q needs r <= min)."""
+    if r > min(base.in_features, base.out_features):
         raise ValueError(
-            f"r={r} is larger than min(in_features, out_features) = min({in_features}, {out_features}); "
-            f"B A can never have rank above {min(in_features, out_features)}, so a larger r only adds "
-            f"parameters that buy nothing. Choose 1 <= r <= {min(in_features, out_features)}.")
+            f"r={r} is larger than min(in_features, out_features) = min({base.in_features}, "
+            f"{base.out_features}); B A can never have rank above {min(base.in_features, base.out_features)}, "
+            f"so a larger r only adds parameters that buy nothing. Choose 1 <= r <= "
+            f"{min(base.in_features, base.out_features)}.")
+
+
+def warn_oversized_ranks(model: nn.Module, ranks: dict[str, int]) -> None:
+    """One warning per model for the layers whose rank r exceeds min(in_features, out_features).
+
+    peft accepts such a rank, so we do too (a config that works in peft must work here), but say what it
+    costs: B A can never have rank above min(in, out), so the extra r only adds parameters and compute.
+    """
+    oversized = {name: (r, model.get_submodule(name)) for name, r in ranks.items()
+                 if r > min(model.get_submodule(name).in_features, model.get_submodule(name).out_features)}
+    if oversized:
+        some = [f"{name} (r={r} > min({m.in_features}, {m.out_features}))" for name, (r, m) in oversized.items()]
+        warnings.warn(f"{len(oversized)} layer(s) get a rank larger than their weight allows: {', '.join(some[:4])}"
+                      f"{' ...' if len(some) > 4 else ''}; B A can never have rank above min(in_features, "
+                      f"out_features), so the extra rank only adds parameters that buy nothing",
+                      UserWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,7 +116,7 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float):
         super().__init__()
-        check_base(base, r)
+        check_base(base)
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -100,6 +126,7 @@ class LowRankLinear(nn.Module):
         self.out_features = base.out_features
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False   # True: forward is the base alone (disable_adapter(), or another adapter is active)
 
     def new_matrix(self, *shape: int) -> nn.Parameter:
         """A trainable fp32 matrix on the base layer's device, whatever the base's dtype: the adapter is
@@ -111,13 +138,20 @@ class LowRankLinear(nn.Module):
         raise TypeError(f"{type(self).__name__} has no delta_weight(): LowRankLinear is the part LoRALinear and "
                         f"SVDLinear share, not a layer of its own")
 
-    def merge(self) -> None:
-        """W0 ← W0 + ΔW in place: afterwards forward is one plain matmul (zero extra latency)."""
+    def merge(self, safe_merge: bool = False) -> None:
+        """W0 ← W0 + ΔW in place: afterwards forward is one plain matmul (zero extra latency).
+
+        safe_merge=True (peft's option) forms W0 + ΔW in a copy first and refuses it if any entry is NaN or
+        infinite, so a diverged adapter cannot destroy the pretrained weight; it costs one weight-sized copy.
+        """
         if self.merged:
             raise RuntimeError("merge(): this layer is already merged; call unmerge() first")
         weight = self._float_base_weight("merge")
+        delta = self.delta_weight().to(weight.dtype)
+        if safe_merge:
+            check_finite(weight + delta, "merge(safe_merge=True)")
         with torch.no_grad():
-            weight += self.delta_weight().to(weight.dtype)
+            weight += delta
         self.merged = True
 
     def unmerge(self) -> None:
@@ -139,6 +173,14 @@ class LowRankLinear(nn.Module):
         return self.base.weight
 
 
+def check_finite(weight: torch.Tensor, what: str) -> None:
+    """Raise ValueError if a merged weight holds NaN or ±inf (the adapter has diverged)."""
+    bad = (~torch.isfinite(weight)).sum().item()
+    if bad:
+        raise ValueError(f"{what}: the merged weight would have {bad} non-finite value(s) (NaN or inf) of "
+                         f"{weight.numel()}: the adapter has diverged. Nothing was merged; the base is unchanged.")
+
+
 def _device_of(module: nn.Module) -> torch.device:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
@@ -150,77 +192,57 @@ def _device_of(module: nn.Module) -> torch.device:
 # ----------------------------------------------------------------------------------------------------
 
 
-def check_target_modules(target_modules) -> None:
-    if isinstance(target_modules, str):
-        if target_modules.lower() == ALL_LINEAR:
-            return
-        try:
-            re.compile(target_modules)
-        except re.error as err:
-            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: "
-                             f"{err}") from err
-        return
-    if (not isinstance(target_modules, (list, tuple, set, frozenset)) or len(target_modules) == 0
-            or not all(isinstance(t, str) and t for t in target_modules)):
-        raise ValueError(f"target_modules must be a non-empty list/tuple of module names, a regex string or "
-                         f"'all-linear', got target_modules={target_modules!r}")
+def selected_modules(model: nn.Module, target_modules, exclude_modules=None, layers_to_transform=None,
+                     layers_pattern=None, modules_to_save=None) -> list[str]:
+    """Full names of the modules a config selects, in model order, by peft's rules; a bypass layer counts as
+    the Linear it wraps, and the modules inside it are never selected.
 
-
-def output_head_name(model: nn.Module) -> str | None:
-    """The name of the output head ("lm_head" in causal LMs), which "all-linear" leaves alone."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    for name, module in model.named_modules():
-        if head is not None and module is head:
-            return name
-        if head is None and (name == "lm_head" or name.endswith(".lm_head")):
-            return name
-    return None
-
-
-def _matches(name: str, target_modules) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def selected_modules(model: nn.Module, target_modules) -> list[str]:
-    """Full names of the modules `target_modules` selects, in model order (peft's matching rules); a bypass
-    layer counts as the Linear it wraps, and the modules inside it are never selected."""
+    target_modules picks (a list: names or name endings; a str: a regex on the whole name; "all-linear");
+    exclude_modules and modules_to_save take away; layers_to_transform (an int or a list of block indices)
+    keeps only the modules in those blocks (`layer_index`). As in peft, a regex target_modules ignores
+    layers_to_transform (peft applies it only to lists, and "all-linear" becomes a list of names there).
+    """
     check_target_modules(target_modules)
     adapters = [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
     inside = tuple(f"{name}." for name in adapters)
     names = [name for name, _ in model.named_modules() if name and not name.startswith(inside)]
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+    if all_linear:
         head = output_head_name(model)
-        return [name for name in names if name != head
-                and (name in adapters or is_linear_like(model.get_submodule(name)))]
-    return [name for name in names if _matches(name, target_modules)]
+        names = [name for name in names if name != head
+                 and (name in adapters or is_linear_like(model.get_submodule(name)))]
+    else:
+        names = [name for name in names if matches(name, target_modules)]
+    names = [name for name in names if not is_excluded(name, exclude_modules, modules_to_save)]
+    if layers_to_transform not in (None, []) and (all_linear or not isinstance(target_modules, str)):
+        wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+        names = [name for name in names if layer_index(name, layers_pattern) in wanted]
+    return names
 
 
-def find_target_modules(model: nn.Module, target_modules) -> list[str]:
-    """The modules a bypass goes into: `selected_modules`, each checked.
+def find_target_modules(model: nn.Module, target_modules, **rules) -> list[str]:
+    """The modules a bypass goes into: `selected_modules` (with the same `rules`), each checked.
 
-    Raises ValueError when nothing matches, or when an entry of a list matches nothing (a typo such as
-    "v_prj" must not silently train only q_proj), listing some names that do exist; TypeError when a
-    matched module is not a Linear layer or already carries a bypass.
+    Raises ValueError when nothing is selected, or when an entry of a list matches no module at all (a typo
+    such as "v_prj" must not silently train only q_proj), listing some names that do exist; TypeError when a
+    selected module is not a Linear layer or already carries a bypass.
     """
-    names = selected_modules(model, target_modules)
+    names = selected_modules(model, target_modules, **rules)
+    matched = selected_modules(model, target_modules)
     unmatched = [] if isinstance(target_modules, str) else \
-        [t for t in target_modules if not any(_matches(name, [t]) for name in names)]
+        [t for t in target_modules if not any(matches(name, [t]) for name in matched)]
     if not names or unmatched:
         short_names = {n.rsplit(".", 1)[-1]: is_linear_like(m) for n, m in model.named_modules() if n}
         some = sorted(n for n, linear in short_names.items() if linear) or sorted(short_names)
-        what = f"entries {unmatched} of target_modules={target_modules!r}" if names and unmatched else \
+        what = f"entries {unmatched} of target_modules={target_modules!r}" if unmatched else \
             f"target_modules={target_modules!r}"
-        raise ValueError(f"{what} matched no module of {type(model).__name__}; "
+        rules_said = {key: value for key, value in rules.items() if value not in (None, [], {})}
+        also = f" with {rules_said}" if rules_said and not unmatched else ""
+        raise ValueError(f"{what}{also} matched no module of {type(model).__name__}; "
                          f"Linear layers it does have are named e.g. {some[:10]}")
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, LowRankLinear):
-            raise TypeError(f"module {name!r} already has a LoRA bypass ({type(module).__name__}); "
-                            f"was add_lora called twice?")
-        if not is_linear_like(module):
+        if not is_linear_like(module) and not isinstance(module, LowRankLinear):
             raise TypeError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
                             f"LoRA here wraps only nn.Linear layers (or 4-bit Linear bases)")
     return names
@@ -235,14 +257,39 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     setattr(parent, child_name, new_module)
 
 
+class ModulesToSave(nn.Module):
+    """A module trained in full beside the adapter (peft's modules_to_save, e.g. a classification head).
+
+    `modules_to_save` is the trainable copy and `original_module` the frozen original (peft's names), so that
+    `disable_adapter()`, or another adapter made active, gets the pretrained module back. That costs a second
+    copy of the module, which is why peft does it too: a head is small.
+    """
+
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = copy.deepcopy(module).requires_grad_(True)
+        self.adapter_name = adapter_name
+        self.disabled = False
+
+    def forward(self, *args, **kwargs):
+        return (self.original_module if self.disabled else self.modules_to_save)(*args, **kwargs)
+
+
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad = True exactly for parameters whose name contains "lora_"; everything else frozen."""
-    for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
+    """requires_grad = True exactly for the active adapter: the "lora_" parameters of every bypass that is on
+    (not those of parked adapters, nor of a disabled layer) and the copies in ModulesToSave; the rest frozen."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LowRankLinear) and not module.disabled:
+            for name, param in module.named_parameters(recurse=False):   # the layer's own: lora_A, lora_B, ...
+                param.requires_grad_("lora_" in name)
+        if isinstance(module, ModulesToSave) and not module.disabled:
+            module.modules_to_save.requires_grad_(True)
 
 
 def wrap_modules(model: nn.Module, names: list[str], make) -> None:
-    """Put `make(module)` in place of every module in `names`, then train only the lora_ parameters.
+    """Put `make(name, module)` in place of every module in `names`, then train only the lora_ parameters.
 
     Every new layer is built (and so checked) before any goes in, and a layer that fails undoes the freezing
     its predecessors did, so an error leaves the model exactly as it was.
@@ -251,7 +298,11 @@ def wrap_modules(model: nn.Module, names: list[str], make) -> None:
     new_layers = {}
     for name in names:
         try:
-            new_layers[name] = make(model.get_submodule(name))
+            module = model.get_submodule(name)
+            if isinstance(module, LowRankLinear):
+                raise TypeError(f"it already has a bypass ({type(module).__name__}); a second LoRA adapter goes "
+                                f"beside the first with add_lora(model, config, adapter_name=...)")
+            new_layers[name] = make(name, module)
         except (ValueError, TypeError) as err:
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
@@ -266,19 +317,26 @@ def wrap_modules(model: nn.Module, names: list[str], make) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, safe_merge: bool = False) -> nn.Module:
     """Fold every bypass (LoRA or AdaLoRA) into its weight and put a plain nn.Linear back (peft's
-    merge_and_unload).
+    merge_and_unload). With several adapters, the active one is folded in and the parked ones are dropped;
+    a module trained in full (ModulesToSave) leaves its trained copy in place.
 
     For an nn.Linear base: W0 += ΔW and the base itself goes back. For a quantized (protocol) base: a new
     nn.Linear in `dtype` holding dequantized_weight + ΔW. Its default is the dtype of the model's input
     embeddings, the dtype the hidden states arrive in, so the merged model takes the inputs it took before
     (a Linear4bit casts its input itself; a plain Linear does not). One warning says that the merged weights
-    inherit the 4-bit rounding of W0 (and take 16 or 32 bits per weight again).
+    inherit the 4-bit rounding of W0 (and take 16 or 32 bits per weight again). safe_merge=True checks every
+    merged weight for NaN and inf first, before any layer changes (see LowRankLinear.merge).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     if not layers:
         raise ValueError(f"merge_lora: {type(model).__name__} has no LoRA or AdaLoRA layers to merge")
+    if safe_merge:
+        for name, layer in layers.items():
+            if not layer.disabled and not layer.merged:
+                check_finite(_float_weight(layer.base) + layer.delta_weight().float(),
+                             f"merge_lora(safe_merge=True), layer {name!r}")
     dtype = dtype or _hidden_dtype(model)
     quantized = [name for name, layer in layers.items() if not isinstance(layer.base, nn.Linear)]
     if quantized:
@@ -286,12 +344,17 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
                       f"({type(layers[quantized[0]].base).__name__}); their merged {dtype} weights are "
                       f"dequantize(W0) + ΔW and keep W0's 4-bit rounding error", UserWarning, stacklevel=2)
     for name, layer in layers.items():
-        if isinstance(layer.base, nn.Linear):
+        if layer.disabled:   # the active adapter is not on this layer (or adapters are off): nothing to fold
+            replace_module(model, name, layer.base)
+        elif isinstance(layer.base, nn.Linear):
             if not layer.merged:
                 layer.merge()
             replace_module(model, name, layer.base)
         else:
             replace_module(model, name, _merged_linear_from_quantized(layer, dtype))
+    for name, module in list(model.named_modules()):   # a module trained in full: keep the trained copy
+        if isinstance(module, ModulesToSave):
+            replace_module(model, name, module.original_module if module.disabled else module.modules_to_save)
     return model
 
 
@@ -300,6 +363,10 @@ def _hidden_dtype(model: nn.Module) -> torch.dtype:
     embeddings = get_embeddings() if callable(get_embeddings) else None
     weight = getattr(embeddings, "weight", None)
     return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+
+def _float_weight(base: nn.Module) -> torch.Tensor:
+    return base.weight.float() if isinstance(base, nn.Linear) else base.dequantized_weight(torch.float32)
 
 
 def _merged_linear_from_quantized(layer: LowRankLinear, dtype: torch.dtype) -> nn.Linear:

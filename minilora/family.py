@@ -8,49 +8,29 @@ start, and one learning rate for both. Each member of the family changes one of 
     PiSSA    the start:   B A = the top-r singular part of W0, the rest stays frozen  (Meng et al. 2024, 2404.02948)
     LoRA+    the step:    B learns λ times faster than A                  (Hayou et al. 2024, arXiv 2402.12354)
 
-Reading order: `rslora_scaling` and `apply_rslora`; `DoRALinear` (one layer), `add_dora`, and DoRA adapter files
-(`save_dora`, `load_dora`) in peft's layout; `pissa_init_`; `loraplus_param_groups`. Each is checked against
+Reading order: `rslora_scaling` (in minilora.lora, since LoraConfig(use_rslora=True) uses it) and `apply_rslora`;
+`DoRALinear` (one layer) and `add_dora`; `pissa_init_`; `loraplus_param_groups`. Adapter files of all of them
+(rsLoRA and DoRA included) are minilora.adapters' save_adapter / load_adapter, in peft's layout. Each is checked against
 peft 0.21 (`use_rslora`, `use_dora`, `init_lora_weights="pissa"`, `create_loraplus_optimizer`) in
 tests/test_family.py, and scripts/family_demo.py shows what each does to the running example.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from pathlib import Path
+from dataclasses import replace
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minilora.files import write_atomically
-from minilora.lora import (
-    LoraConfig,
-    LoRALinear,
-    check_base,
-    check_hyperparameters,
-    find_target_modules,
-    lora_layers,
-    mark_only_lora_trainable,
-    replace_module,
-)
+from minilora.bypass import check_finite
+from minilora.lora import LoraConfig, LoRALinear, add_lora, lora_layers, rslora_scaling
+
+__all__ = ["DoRALinear", "add_dora", "apply_rslora", "dora_layers", "loraplus_param_groups", "pissa_init_",
+           "rslora_scaling"]
 
 # ----------------------------------------------------------------------------------------------------
 # rsLoRA: the rank-stabilised scale
 # ----------------------------------------------------------------------------------------------------
-
-
-def rslora_scaling(lora_alpha: float, r: int) -> float:
-    """γ_r = α / √r, the scale that keeps a LoRA layer's learning stable as r grows (rsLoRA, Theorem 3.2).
-
-    The paper shows that the adapter's outputs and their gradients keep the same order of magnitude as r grows
-    only if γ_r ∝ 1/√r. With α / r they shrink as r grows ("gradient collapse"): at one learning rate a larger
-    rank learns slower, and its extra capacity goes unused. With α / √r a larger rank can actually help.
-    """
-    check_hyperparameters(r, lora_alpha, 0.0, "kaiming")
-    return lora_alpha / math.sqrt(r)
 
 
 def apply_rslora(model: nn.Module) -> nn.Module:
@@ -95,9 +75,13 @@ class DoRALinear(LoRALinear):
     A 4-bit base (minilora.lora's base-layer protocol) works: the norm needs only its `dequantized_weight`.
     """
 
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 init: str = "kaiming"):
-        super().__init__(base, r, lora_alpha, lora_dropout, init)
+    ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")   # one adapter: A, B and m
+    USES_DORA = True
+
+    def new_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init: str,
+                    use_rslora: bool) -> None:
+        """LoRA's fresh A and B, then m = ‖W0‖ per row (B = 0), so the layer starts at W0 x + b."""
+        super().new_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
         self.merged_norm = None   # ‖W0 + s B A‖ at merge time, needed to undo the merge
 
@@ -114,7 +98,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)            # W0 x + b
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)
         factor = self.lora_magnitude_vector / self.weight_norm()    # m / ‖W0 + s B A‖, one per output
@@ -134,12 +118,16 @@ class DoRALinear(LoRALinear):
         factor = self.lora_magnitude_vector / self.weight_norm()
         return factor[:, None] * weight - self.base_weight()
 
-    def merge(self) -> None:
-        """W0 ← m ⊙ (W0 + s B A) / ‖W0 + s B A‖ in place (the merged layer is one plain matmul)."""
+    def merge(self, safe_merge: bool = False) -> None:
+        """W0 ← m ⊙ (W0 + s B A) / ‖W0 + s B A‖ in place (the merged layer is one plain matmul); safe_merge
+        refuses a result with NaN or inf, as for LoRA."""
         weight = self._linear_weight("merge")
         norm = self.weight_norm()
+        delta = self.delta_weight().to(weight.dtype)
+        if safe_merge:
+            check_finite(weight + delta, "merge(safe_merge=True)")
         with torch.no_grad():
-            weight += self.delta_weight().to(weight.dtype)
+            weight += delta
         self.merged_norm, self.merged = norm, True
 
     def unmerge(self) -> None:
@@ -162,128 +150,21 @@ class DoRALinear(LoRALinear):
         return self.base.weight
 
 
-def add_dora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Wrap every target of `config` in a DoRALinear (peft's `use_dora=True`), freeze the rest; returns `model`.
+def add_dora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Give every target of `config` a DoRALinear (peft's `use_dora=True`), freeze the rest; returns `model`.
 
-    The same targets, checks and names as minilora.lora.add_lora; every target is checked before any is wrapped.
+    minilora.lora.add_lora with DoRA layers: the same targets, options, checks and names. Adapter files go
+    through minilora.adapters.save_adapter / load_adapter like any LoRA adapter (peft's layout, plus one
+    `lora_magnitude_vector` per layer).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a minilora.lora.LoraConfig, got {type(config).__name__}")
-    names = find_target_modules(model, config.target_modules)
-    for name in names:
-        try:
-            check_base(model.get_submodule(name), config.r)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"module {name!r}: {err}") from err
-    for name in names:
-        replace_module(model, name, DoRALinear(model.get_submodule(name), config.r, config.lora_alpha,
-                                               config.lora_dropout, config.init))
-    mark_only_lora_trainable(model)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------
-# DoRA adapter files, in peft's layout
-# ----------------------------------------------------------------------------------------------------
-
-PREFIX = "base_model.model."          # peft's path from PeftModel down to the wrapped model
-UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "exclude_modules")
-
-
-def dora_shapes(r: int, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
-    """The three tensors peft stores per DoRA layer (after its module path) and their shapes."""
-    return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r),
-            "lora_magnitude_vector": (out_features,)}
-
-
-def dora_tensors(layer: DoRALinear) -> dict[str, torch.Tensor]:
-    """The layer's parameters under the names of `dora_shapes`."""
-    return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B,
-            "lora_magnitude_vector": layer.lora_magnitude_vector}
+    return add_lora(model, replace(config, use_dora=True), adapter_name, layer_class=DoRALinear)
 
 
 def dora_layers(model: nn.Module) -> dict[str, DoRALinear]:
     """{full name: DoRALinear} for every DoRA layer of the model."""
     return {name: m for name, m in model.named_modules() if isinstance(m, DoRALinear)}
-
-
-def uses_rslora(layer: LoRALinear) -> bool:
-    """True if the layer's scale is α/√r, False if α/r; anything else has no name in peft's config."""
-    if math.isclose(layer.scaling, layer.lora_alpha / layer.r):
-        return False
-    if math.isclose(layer.scaling, rslora_scaling(layer.lora_alpha, layer.r)):
-        return True
-    raise ValueError(f"a layer has scaling={layer.scaling}, neither α/r nor α/√r for "
-                     f"α={layer.lora_alpha}, r={layer.r}; peft's config cannot express it")
-
-
-def save_dora(model: nn.Module, folder: str | os.PathLike, task_type: str = "CAUSAL_LM") -> Path:
-    """Write the DoRA adapter of `model` as peft does: adapter_model.safetensors + adapter_config.json.
-
-    The settings come from the layers themselves, which must all share them (peft's rank_pattern is not
-    supported here); target_modules lists the adapted modules by full name, so peft and `load_dora` put the
-    layers back exactly where they were.
-    """
-    layers = dora_layers(model)
-    if not layers or len(layers) != len(lora_layers(model)):
-        raise ValueError("save_dora: every LoRA layer of the model must be a DoRALinear (call add_dora)")
-    settings = {(layer.r, layer.lora_alpha, getattr(layer.lora_dropout, "p", 0.0), uses_rslora(layer),
-                 layer.merged) for layer in layers.values()}
-    if len(settings) != 1 or next(iter(settings))[4]:
-        raise ValueError(f"save_dora: the DoRA layers must be unmerged and share r, lora_alpha, lora_dropout "
-                         f"and the scale; found (r, lora_alpha, lora_dropout, rslora, merged) = {settings}")
-    r, lora_alpha, lora_dropout, rslora, _ = settings.pop()
-    tensors = {f"{PREFIX}{name}.{key}": tensor.detach().cpu().contiguous()
-               for name, layer in layers.items() for key, tensor in dora_tensors(layer).items()}
-    config_json = {"peft_type": "LORA", "use_dora": True, "use_rslora": rslora, "r": r, "lora_alpha": lora_alpha,
-                   "lora_dropout": lora_dropout, "target_modules": sorted(layers), "bias": "none",
-                   "init_lora_weights": True, "task_type": task_type, "inference_mode": True}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
-    write_atomically(folder / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_json)))
-    return folder
-
-
-def load_dora(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """Add DoRA layers to a plain `model` and fill them from a peft DoRA adapter folder; strict on every key.
-
-    Everything is checked (config settings, key set, shapes) before the model is touched.
-    """
-    folder = Path(folder)
-    config_json = json.loads((folder / "adapter_config.json").read_text())
-    if config_json.get("peft_type") != "LORA" or not config_json.get("use_dora"):
-        raise ValueError(f"{folder}: not a DoRA adapter (needs peft_type 'LORA' and use_dora true)")
-    for key in UNSUPPORTED:
-        if config_json.get(key):
-            raise ValueError(f"{folder}: {key}={config_json[key]!r} is not supported by load_dora")
-    if config_json.get("bias", "none") != "none":
-        raise ValueError(f"{folder}: bias={config_json['bias']!r} is not supported (only 'none')")
-    targets = config_json["target_modules"]
-    config = LoraConfig(r=config_json["r"], lora_alpha=config_json["lora_alpha"],
-                        lora_dropout=config_json.get("lora_dropout", 0.0),
-                        target_modules=targets if isinstance(targets, str) else tuple(targets))
-    tensors = load_file(folder / "adapter_model.safetensors")
-    shapes = {}
-    for name in find_target_modules(model, config.target_modules):
-        base = model.get_submodule(name)
-        check_base(base, config.r)
-        for key, shape in dora_shapes(config.r, base.in_features, base.out_features).items():
-            shapes[f"{PREFIX}{name}.{key}"] = shape
-    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
-    wrong = sorted(k for k in shapes if k in tensors and tuple(tensors[k].shape) != shapes[k])
-    problems = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": wrong}
-    problems = [f"{what} {keys[:3]}" for what, keys in problems.items() if keys]
-    if problems:   # peft would only warn, or drop keys: an adapter that silently does nothing
-        raise ValueError(f"{folder}: the file does not fit the model's DoRA layers: {'; '.join(problems)}")
-    add_dora(model, config)
-    if config_json.get("use_rslora"):
-        apply_rslora(model)
-    with torch.no_grad():
-        for name, layer in dora_layers(model).items():
-            for key, tensor in dora_tensors(layer).items():
-                tensor.copy_(tensors[f"{PREFIX}{name}.{key}"])
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ parameter-count line), and tests/test_lora.py checks it against peft number for 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from torch import nn
 from minilora.bypass import (  # shared with AdaLoRA; exported from here too, as chapter 1 teaches them
     ALL_LINEAR,
     LowRankLinear,
+    ModulesToSave,
     check_base,
     check_bypass_options,
     check_target_modules,
@@ -41,16 +42,20 @@ from minilora.bypass import (  # shared with AdaLoRA; exported from here too, as
     merge_lora,
     replace_module,
     selected_modules,
+    warn_oversized_ranks,
     wrap_modules,
 )
-from minilora.checks import check_choice
+from minilora.checks import check_choice, check_int, check_number
+from minilora.targets import check_names, is_index, pattern_value
 
-__all__ = ["ALL_LINEAR", "INITS", "LowRankLinear", "LoRALinear", "LoraConfig", "add_lora", "check_base",
+__all__ = ["ALL_LINEAR", "BIAS_OPTIONS", "INITS", "LowRankLinear", "LoRALinear", "LoraConfig", "ModulesToSave",
+           "add_lora", "check_base", "rslora_scaling",
            "check_hyperparameters", "check_target_modules", "count_parameters", "find_target_modules",
            "is_linear_like", "lora_layers", "mark_only_lora_trainable", "merge_lora", "replace_module",
            "selected_modules", "trainable_summary", "wrap_modules"]
 
 INITS = ("kaiming", "gaussian")
+BIAS_OPTIONS = ("none", "all", "lora_only")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,23 +74,53 @@ def check_hyperparameters(r, lora_alpha, lora_dropout, init) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def rslora_scaling(lora_alpha: float, r: int) -> float:
+    """γ_r = α / √r, the scale that keeps a LoRA layer's learning stable as r grows (rsLoRA, Theorem 3.2;
+    peft's use_rslora=True).
+
+    The paper shows that the adapter's outputs and their gradients keep the same order of magnitude as r grows
+    only if γ_r ∝ 1/√r. With α / r they shrink as r grows ("gradient collapse"): at one learning rate a larger
+    rank learns slower, and its extra capacity goes unused. With α / √r a larger rank can actually help.
+    """
+    check_bypass_options(r, lora_alpha, 0.0)
+    return lora_alpha / math.sqrt(r)
+
+
 class LoRALinear(LowRankLinear):
     """h = base(x) + (α/r) · B A dropout(x), with `base` frozen and only A, B trainable (LoRA eq. 3).
 
-    `lora_A` is (r, in_features), `lora_B` is (out_features, r), `scaling` = lora_alpha / r.
-    The adapter matrices live in float32 on the base layer's device, whatever the base's dtype. The
-    bypass runs in lora_A's dtype and the sum is cast back to the base output's dtype, so bf16 inputs work.
+    `lora_A` is (r, in_features), `lora_B` is (out_features, r), `scaling` = lora_alpha / r (α/√r with
+    use_rslora). The adapter matrices live in float32 on the base layer's device, whatever the base's dtype.
+    The bypass runs in lora_A's dtype and the sum is cast back to the base output's dtype, so bf16 inputs work.
+
+    Several adapters (chapter 1, "Several adapters on one model"): the *active* adapter is the one in
+    lora_A, lora_B, scaling, r, lora_alpha and lora_dropout, named `adapter_name`; the others wait in
+    `parked`, one small module each. Switching moves the tensors of two adapters (no copy), so forward
+    reads exactly as it does with one adapter. `disabled` turns the bypass off.
     """
 
+    ADAPTER_TENSORS = ("lora_A", "lora_B")   # one adapter's parameters (DoRA adds its magnitudes)
+    ADAPTER_SETTINGS = ("r", "lora_alpha", "scaling", "lora_dropout")
+    USES_DORA = False
+
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 init: str = "kaiming"):
+                 init: str = "kaiming", use_rslora: bool = False, adapter_name: str = "default"):
         check_hyperparameters(r, lora_alpha, lora_dropout, init)
         super().__init__(base, r, lora_alpha, lora_dropout)   # checks the base, freezes it
-        self.scaling = lora_alpha / r
+        self.parked = nn.ModuleDict()
+        self.new_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
+        self.train(base.training)   # a new module starts in training mode; follow the model it joins instead
+
+    def new_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init: str,
+                    use_rslora: bool) -> None:
+        """Fresh A and B (and settings) in the active slot; the caller has parked what was there."""
+        check_hyperparameters(r, lora_alpha, lora_dropout, init)
+        self.adapter_name, self.r, self.lora_alpha = adapter_name, r, lora_alpha
+        self.scaling = rslora_scaling(lora_alpha, r) if use_rslora else lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A = self.new_matrix(r, self.in_features)
         self.lora_B = self.new_matrix(self.out_features, r)
         self.reset_lora_parameters(init)
-        self.train(base.training)   # a new module starts in training mode; follow the model it joins instead
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         """A random, B = 0: then B A = 0 and the model starts exactly where the pretrained one was.
@@ -104,7 +139,7 @@ class LoRALinear(LowRankLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:  # ΔW already sits inside the base weight
+        if self.merged or self.disabled:  # ΔW already sits inside the base weight, or the bypass is off
             return result
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)
         # Two thin matmuls, (x A^T) B^T: the (out, in) matrix B A is never formed.
@@ -115,9 +150,60 @@ class LoRALinear(LowRankLinear):
         """ΔW = (α/r) · B A, shape (out_features, in_features), in the adapter's dtype."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    # -- several adapters: park the active one, bring another out ------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        return [self.adapter_name, *self.parked]
+
+    def adapter(self, adapter_name: str) -> nn.Module:
+        """What holds adapter `adapter_name`'s tensors and settings: this layer if it is active, else its slot."""
+        if adapter_name == self.adapter_name:
+            return self
+        if adapter_name not in self.parked:
+            raise KeyError(f"this layer has no adapter {adapter_name!r} (it has {self.adapter_names()})")
+        return self.parked[adapter_name]
+
+    def park(self) -> None:
+        """Move the active adapter's tensors and settings into `parked` (frozen: only the active one trains)."""
+        slot = nn.Module()
+        for key in self.ADAPTER_TENSORS:
+            slot.register_parameter(key, getattr(self, key).requires_grad_(False))
+            delattr(self, key)
+        for key in self.ADAPTER_SETTINGS:
+            setattr(slot, key, getattr(self, key))
+        self.parked[self.adapter_name] = slot
+
+    def switch_to(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active adapter of this layer: park the active one, unpark this one."""
+        if adapter_name == self.adapter_name:
+            return
+        if self.merged:
+            raise RuntimeError(f"switch_to({adapter_name!r}): the layer is merged with {self.adapter_name!r}; "
+                               f"unmerge() first")
+        slot = self.parked.pop(adapter_name)
+        self.park()
+        for key in self.ADAPTER_TENSORS:
+            setattr(self, key, getattr(slot, key))
+        for key in self.ADAPTER_SETTINGS:
+            setattr(self, key, getattr(slot, key))
+        self.adapter_name = adapter_name
+
+    def add_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    init: str = "kaiming", use_rslora: bool = False) -> None:
+        """A second (third, ...) adapter beside the active one, parked; the active one stays active."""
+        if adapter_name in self.adapter_names():
+            raise ValueError(f"adapter_name={adapter_name!r} already exists on this layer "
+                             f"(adapters: {self.adapter_names()})")
+        active = self.adapter_name
+        self.park()
+        self.new_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
+        self.switch_to(active)
+
     def extra_repr(self) -> str:
+        named = "" if self.adapter_names() == ["default"] else \
+            f", adapter_name={self.adapter_name!r}, parked={list(self.parked)}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}")
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}{named}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,13 +213,19 @@ class LoRALinear(LowRankLinear):
 
 @dataclass
 class LoraConfig:
-    """Which layers get a bypass (`target_modules`) and its hyper-parameters; defaults as peft's LoraConfig.
+    """Which layers get a bypass, with which rank, and what else trains; defaults and meaning as peft's.
 
     target_modules, as in peft:
       - a list/tuple of names: a module matches if its full name equals an entry or ends with "." + entry
         ("q_proj" matches "model.layers.0.self_attn.q_proj");
       - a str: a regular expression that must match the *whole* module name (re.fullmatch);
       - "all-linear": every Linear layer except the output head.
+    exclude_modules (same two forms) and modules_to_save take modules away; layers_to_transform keeps only
+    the blocks with those indices (layers_pattern names the block list, e.g. "layers"; minilora.bypass.
+    layer_index). rank_pattern / alpha_pattern give some modules another r / lora_alpha ({"v_proj": 16}: a
+    regex matched against the end of the name). use_rslora scales by α/√r; use_dora builds DoRA layers
+    (minilora.family.add_dora). bias: which biases train too ("none", "all", or "lora_only": those of the
+    adapted layers). modules_to_save: modules trained in full beside the adapter (a classification head).
     """
 
     r: int = 8
@@ -141,10 +233,50 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: str | tuple[str, ...] | list[str] = ("q_proj", "v_proj")
     init: str = "kaiming"
+    use_rslora: bool = False
+    use_dora: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
 
     def __post_init__(self):
         check_hyperparameters(self.r, self.lora_alpha, self.lora_dropout, self.init)
         check_target_modules(self.target_modules)
+        check_choice("bias", self.bias, BIAS_OPTIONS)
+        for label in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, label), bool):
+                raise ValueError(f"{label} must be True or False, got {label}={getattr(self, label)!r}")
+        check_names("modules_to_save", self.modules_to_save, regex=False)
+        check_names("exclude_modules", self.exclude_modules, regex=True)
+        check_names("layers_pattern", self.layers_pattern, regex=True)
+        for label, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{label} must be a dict {{module regex: value}}, got {label}={pattern!r}")
+            for key, value in pattern.items():
+                check_names(f"{label} key", key, regex=True)
+                if label == "rank_pattern":
+                    check_int(f"rank_pattern[{key!r}]", value, 1, why=" (the rank of the update)")
+                else:
+                    check_number(f"alpha_pattern[{key!r}]", value, 0, low_open=True, why=" (it scales the bypass)")
+        layers = self.layers_to_transform
+        if layers is not None and not (is_index(layers) or (isinstance(layers, (list, tuple))
+                                                               and all(is_index(i) for i in layers))):
+            raise ValueError(f"layers_to_transform must be a block index >= 0 or a list of them, got "
+                             f"layers_to_transform={layers!r}")
+
+    def rules(self) -> dict:
+        """The selection rules besides target_modules, as minilora.bypass.selected_modules takes them."""
+        return dict(exclude_modules=self.exclude_modules, layers_to_transform=self.layers_to_transform,
+                    layers_pattern=self.layers_pattern, modules_to_save=self.modules_to_save)
+
+    def rank_and_alpha(self, name: str) -> tuple[int, float]:
+        """(r, lora_alpha) for module `name`: its rank_pattern / alpha_pattern entry, else r / lora_alpha."""
+        return pattern_value(self.rank_pattern, name, self.r), pattern_value(self.alpha_pattern, name,
+                                                                              self.lora_alpha)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,18 +284,106 @@ class LoraConfig:
 # ----------------------------------------------------------------------------------------------------
 
 
-def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Wrap every target of `config` in a LoRALinear (in place) and freeze everything else; returns `model`.
+def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+             layer_class: type = None) -> nn.Module:
+    """Give every target of `config` a LoRA bypass (in place) and freeze everything else; returns `model`.
 
-    All new layers are built (and so checked) before any is put in, so a bad rank for one layer leaves the
-    model untouched.
+    The first adapter becomes active. On a model that has adapters already, the new one is added beside them
+    under `adapter_name` and waits, inactive (peft's add_adapter); `minilora.switching.set_adapter` switches.
+    Everything is checked before anything changes, so an error leaves the model as it was. A rank larger
+    than a layer's weight allows gets one warning for the model (peft accepts it, and so do we).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a minilora.lora.LoraConfig, got {type(config).__name__}")
-    wrap_modules(model, find_target_modules(model, config.target_modules),
-                 lambda base: LoRALinear(base, r=config.r, lora_alpha=config.lora_alpha,
-                                         lora_dropout=config.lora_dropout, init=config.init))
+    layer_class = layer_class or LoRALinear
+    if config.use_dora and not layer_class.USES_DORA:
+        raise ValueError("use_dora=True: DoRA layers are added by minilora.family.add_dora(model, config)")
+    check_adapter_name(adapter_name)
+    existing = lora_layers(model)
+    if existing:
+        check_beside(model, config, adapter_name, existing, layer_class)
+    names = find_target_modules(model, config.target_modules, **config.rules())
+    ranks = {name: config.rank_and_alpha(name) for name in names}
+    to_save = modules_to_save_names(model, config.modules_to_save)
+    warn_oversized_ranks(model, {name: r for name, (r, _) in ranks.items()})
+
+    def make(name, base):
+        r, alpha = ranks[name]
+        return layer_class(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, init=config.init,
+                           use_rslora=config.use_rslora, adapter_name=adapter_name)
+
+    wrap_modules(model, [name for name in names if name not in existing], make)
+    for name in names:
+        layer = model.get_submodule(name)
+        if name in existing:
+            layer.add_adapter(adapter_name, *ranks[name], config.lora_dropout, config.init, config.use_rslora)
+        elif existing:   # a layer only the new adapter has: off until that adapter is made active
+            layer.disabled = True
+    for name in to_save:
+        replace_module(model, name, ModulesToSave(model.get_submodule(name), adapter_name))
+    mark_only_lora_trainable(model)
+    mark_biases_trainable(model, config.bias)
     return model
+
+
+def check_adapter_name(adapter_name) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got adapter_name={adapter_name!r}")
+
+
+def check_beside(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict, layer_class) -> None:
+    """A second adapter can go beside the first unless it would be ambiguous what trains or what is saved:
+    biases and modules trained in full belong to one adapter only (peft refuses several adapters with
+    bias too), and one layer holds one kind of adapter (LoRA or DoRA)."""
+    taken = sorted({name for layer in existing.values() for name in layer.adapter_names()})
+    if adapter_name in taken:
+        raise ValueError(f"adapter_name={adapter_name!r} already exists on {type(model).__name__} "
+                         f"(adapters: {taken}); choose another name, or delete_adapter it first")
+    holds_extra = any(isinstance(m, ModulesToSave) for m in model.modules())
+    if config.bias != "none" or config.modules_to_save or holds_extra:
+        raise ValueError(f"adapter {adapter_name!r} cannot go beside {taken}: with several adapters, bias must "
+                         f"be 'none' and modules_to_save empty for all (got bias={config.bias!r}, "
+                         f"modules_to_save={config.modules_to_save!r}, model has modules_to_save: {holds_extra})")
+    kinds = {type(layer) for layer in existing.values()}
+    if kinds != {layer_class}:
+        raise ValueError(f"adapter {adapter_name!r} would put {layer_class.__name__} adapters beside "
+                         f"{sorted(k.__name__ for k in kinds)} ones; a model holds one kind of LoRA adapter")
+
+
+def modules_to_save_names(model: nn.Module, modules_to_save) -> list[str]:
+    """The modules `modules_to_save` names, by peft's rule (the full name ends with an entry; note: no "."
+    boundary, so "head" also names "lm_head", as in peft). Entries matching nothing are allowed as long as
+    one matches (peft's classification configs list both "classifier" and "score"). A module whose weights
+    are tied to another one is refused: its trained copy would silently untie them."""
+    if not modules_to_save:
+        return []
+    names = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in modules_to_save)]
+    names = [name for name in names if not any(name.startswith(other + ".") for other in names)]
+    if not names:
+        raise ValueError(f"modules_to_save={modules_to_save!r} matched no module of {type(model).__name__}")
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, (LowRankLinear, ModulesToSave)):
+            raise ValueError(f"modules_to_save: module {name!r} is already a {type(module).__name__}")
+        own = {id(p) for p in module.parameters()}
+        inside = name + "."
+        for other, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in own and not other.startswith(inside):
+                raise ValueError(f"modules_to_save: {name!r} shares its weights with {other!r} (tied); training "
+                                 f"a copy of it would untie them")
+    return names
+
+
+def mark_biases_trainable(model: nn.Module, bias: str) -> None:
+    """peft's bias option: "all" trains every bias of the model, "lora_only" the biases of the adapted layers."""
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if "bias" in name:
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for layer in lora_layers(model).values():
+            if getattr(layer.base, "bias", None) is not None:
+                layer.base.bias.requires_grad_(True)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

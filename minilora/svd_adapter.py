@@ -15,7 +15,9 @@ from torch import nn
 
 from minilora.bypass import (
     LowRankLinear,
+    check_base,
     check_bypass_options,
+    check_rank_fits,
     check_target_modules,
     find_target_modules,
     wrap_modules,
@@ -48,7 +50,9 @@ class SVDLinear(LowRankLinear):
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0):
         check_bypass_options(r, lora_alpha, lora_dropout)
-        super().__init__(base, r, lora_alpha, lora_dropout)   # checks the base, freezes it
+        check_base(base)
+        check_rank_fits(base, r)   # P Λ Q's triplets are singular directions: at most min(in, out) of them
+        super().__init__(base, r, lora_alpha, lora_dropout)   # freezes the base
         self.scaling = lora_alpha
         self.lora_A = self.new_matrix(r, self.in_features)
         self.lora_E = self.new_matrix(r, 1)
@@ -68,7 +72,7 @@ class SVDLinear(LowRankLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:  # ΔW already sits inside the base weight
+        if self.merged or self.disabled:  # ΔW already sits inside the base weight, or the bypass is off
             return result
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)
         # (x Qᵀ ⊙ Λ) Pᵀ in two thin matmuls; scaling α and 1/ranknum as in peft (same order of operations,
@@ -175,8 +179,8 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig) -> nn.Module:
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"config must be a minilora.adalora.AdaLoraConfig, got {type(config).__name__}")
     wrap_modules(model, find_target_modules(model, config.target_modules),
-                 lambda base: SVDLinear(base, r=config.init_r, lora_alpha=config.lora_alpha,
-                                        lora_dropout=config.lora_dropout))
+                 lambda name, base: SVDLinear(base, r=config.init_r, lora_alpha=config.lora_alpha,
+                                              lora_dropout=config.lora_dropout))
     return model
 
 

@@ -420,7 +420,7 @@ def test_adapter_type_must_match_the_layers(trained_pair, tmp_path):
     from minilora.lora import LoraConfig, add_lora
 
     ours = trained_pair["ours"]
-    with pytest.raises(ValueError, match="no LoRALinear layers .*AdaLoRA layers need an AdaLoraConfig"):
+    with pytest.raises(ValueError, match="no LoRA layers with adapter 'default' .*need an AdaLoraConfig"):
         save_adapter(ours, tmp_path, LoraConfig())
     save_adapter(ours, tmp_path, trained_pair["allocator"].config)
     with pytest.raises(ValueError, match="cannot load into a model with LoRA layers"):

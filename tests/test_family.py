@@ -15,21 +15,21 @@ from peft.optimizers import create_loraplus_optimizer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minilora.adapters import load_adapter, save_adapter
 from minilora.family import (
     DoRALinear,
     add_dora,
     apply_rslora,
     dora_layers,
-    load_dora,
     loraplus_param_groups,
     pissa_init_,
     rslora_scaling,
-    save_dora,
 )
 from minilora.lora import LoraConfig, LoRALinear, add_lora, lora_layers, merge_lora
 from minilora.qlora import Linear4bit
 
 TARGETS = ("q_proj", "v_proj")
+DORA_RSLORA = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, use_rslora=True)
 
 
 def peft_model(model, **settings):
@@ -64,10 +64,8 @@ def copy_peft_into_ours(pm, ours):
 
 def paired(tiny_llama, dora=True, rslora=False):
     """(ours, peft's): the same tiny Llama with the same A, B (and m) on q_proj and v_proj."""
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_rslora=rslora)
     ours = (add_dora if dora else add_lora)(tiny_llama(), config)
-    if rslora:
-        apply_rslora(ours)
     pm = peft_model(tiny_llama(), use_dora=dora, use_rslora=rslora)
     randomize_peft(pm)
     copy_peft_into_ours(pm, ours)
@@ -195,30 +193,31 @@ def test_dora_merge_equals_peft_merge_and_unload(tiny_llama, token_ids):
 def test_peft_dora_adapter_loads_into_ours(tiny_llama, token_ids, tmp_path, rslora):
     _, pm = paired(tiny_llama, dora=True, rslora=rslora)
     pm.save_pretrained(tmp_path)
-    ours = load_dora(tiny_llama(), tmp_path)
+    ours = load_adapter(tiny_llama(), tmp_path)
+    assert all(isinstance(layer, DoRALinear) for layer in lora_layers(ours).values())
     assert torch.allclose(logits(ours, token_ids), logits(pm, token_ids), atol=1e-5, rtol=0)
 
 
 def test_our_dora_adapter_loads_into_peft(tiny_llama, token_ids, tmp_path):
     ours, _ = paired(tiny_llama, dora=True, rslora=True)
-    save_dora(ours, tmp_path)
+    save_adapter(ours, tmp_path, DORA_RSLORA)
     pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert pm.peft_config["default"].use_dora and pm.peft_config["default"].use_rslora
     assert torch.allclose(logits(pm, token_ids), logits(ours, token_ids), atol=1e-5, rtol=0)
-    assert torch.allclose(logits(load_dora(tiny_llama(), tmp_path), token_ids), logits(ours, token_ids),
+    assert torch.allclose(logits(load_adapter(tiny_llama(), tmp_path), token_ids), logits(ours, token_ids),
                           atol=1e-5, rtol=0)   # and back into ours
 
 
-def test_save_dora_refuses_mixed_scales(tiny_llama, tmp_path):
+def test_saving_dora_refuses_mixed_scales(tiny_llama, tmp_path):
     ours, _ = paired(tiny_llama, dora=True)
     ours.model.layers[0].self_attn.q_proj.scaling = rslora_scaling(8, 4)   # one layer α/√r, the rest α/r
-    with pytest.raises(ValueError, match="share r"):
-        save_dora(ours, tmp_path)
+    with pytest.raises(ValueError, match=r"q_proj' has r=4, lora_alpha=8, scaling=4.*scaling=2"):
+        save_adapter(ours, tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True))
     assert not any(tmp_path.iterdir())          # no half-written adapter
 
 
-@pytest.mark.parametrize("damage, message", [("drop", "missing keys"), ("reshape", "wrong shapes"),
-                                             ("rename", "unexpected keys")])
+@pytest.mark.parametrize("damage, message", [("drop", "missing"), ("reshape", "has shape"),
+                                             ("rename", "unexpected key")])
 def test_load_dora_refuses_a_file_that_does_not_fit(tiny_llama, tmp_path, damage, message):
     _, pm = paired(tiny_llama, dora=True)
     pm.save_pretrained(tmp_path)
@@ -234,7 +233,7 @@ def test_load_dora_refuses_a_file_that_does_not_fit(tiny_llama, tmp_path, damage
     save_file(tensors, weights)
     model = tiny_llama()
     with pytest.raises(ValueError, match=message) as error:
-        load_dora(model, tmp_path)
+        load_adapter(model, tmp_path)
     assert key.removeprefix("base_model.model.") in str(error.value)
     if damage != "rename":
         assert "unexpected" not in str(error.value)

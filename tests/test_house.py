@@ -15,6 +15,8 @@ FLOORS = {
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
     "checks": 0,  # the shared checks of public arguments
     "kernels": 0,  # the fast encode/decode kernels: tables are handed in, nothing of ours imported
+    "targets": 0,  # peft's rules for which modules get an adapter, by name only
+    "adapter_files": 0,  # peft's adapter folder: names, plain settings, strict reading
     "bypass": 1,  # what LoRA and AdaLoRA layers share; which layers get one; merging
     "nf4": 1,
     "architecture": 1,  # model shapes, presets and parameter counts (the memory model's first step)
@@ -27,16 +29,18 @@ FLOORS = {
     "activations": 2,  # the activation model, tensor by tensor
     "data": 2,  # the running example (its finetune is a loop of loop.train_step)
     "options": 2,  # every option of a run
-    "adalora": 3, "qlora": 3, "adapters": 3,
+    "adalora": 3, "qlora": 3,
     "family": 3,  # LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+ (on lora)
+    "switching": 3,  # several adapters on one model: set, disable, delete, combine
     "instructions": 3,
     "distributed": 3,
     "memory": 3,  # the estimate: weights, adapters, gradients, optimizer state, scores, activations
-    "checkpoints": 4,  # the run folder and checkpoints (they hold peft-format adapters)
+    "adapters": 4,  # adapter files in peft's format, for every LoRA option, DoRA and AdaLoRA
+    "checkpoints": 5,  # the run folder and checkpoints (they hold peft-format adapters)
     "build": 4,  # the pieces of a run, built from its options
     "plots": 4,  # the charts the chapters share (the memory chart draws memory's reports)
     "experiments": 4,  # the chapters' experiments: short real runs (chapters 6 and 9)
-    "train": 5, "__main__": 6,
+    "train": 6, "__main__": 7,
 }
 
 

@@ -256,7 +256,8 @@ def test_threads_are_chosen_and_an_option(tmp_path):
         make_config(threads=-1)
 
 
-def test_the_7b_recipe_on_the_tiny_model_says_what_to_change(tmp_path):
-    with pytest.raises(ValueError, match=r"r=64 is larger than .*--recipe qlora-7b chose r=64; give --r"):
-        train(recipe="qlora-7b", output_dir=str(tmp_path / "run"), max_steps=1, progress=False)
-    assert not (tmp_path / "run").exists()
+def test_the_7b_recipe_on_the_tiny_model_warns_about_its_rank_and_runs(tmp_path):
+    """r=64 on a 64-wide model: peft accepts it, and so do we, with one warning that names the layers."""
+    with pytest.warns(UserWarning, match=r"layer\(s\) get a rank larger than their weight allows: model.layers.0"):
+        train(recipe="qlora-7b", output_dir=str(tmp_path / "run"), max_steps=1, progress=False, save_every=0)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

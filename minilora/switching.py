@@ -1,0 +1,203 @@
+"""Several adapters on one model: switch between them, turn them off, delete one, combine some into a new one.
+
+LoRA's promise for deployment is that one frozen base serves many tasks, and switching tasks swaps only the
+small A and B matrices. peft keeps every adapter of a layer in dictionaries and loops over the active ones in
+forward. minilora keeps forward as it is for one adapter:
+
+    a LoRALinear holds the *active* adapter in lora_A, lora_B, scaling, r, lora_alpha, lora_dropout;
+    the others wait in its `parked` ModuleDict, one small module each, frozen;
+    set_adapter moves the tensors of two adapters (the same Parameter objects, no copy, so an optimizer's
+    state for them survives a round trip); `disabled` turns a layer's bypass off.
+
+That is the smallest design that reads well: the one-adapter path has no dictionary lookup, no loop and no
+name in it, and everything about "which adapter" sits in the few functions of this file. What it gives up
+against peft: one active adapter at a time (peft can sum several in one forward pass).
+
+    add_lora(model, config, adapter_name)      a new adapter beside the others, inactive (minilora.lora)
+    load_adapter(model, path, adapter_name)    the same from a file (minilora.adapters)
+    set_adapter(model, name)                   make `name` active (and the only one that trains)
+    with disable_adapter(model): ...           the base model alone, restored on exit
+    delete_adapter(model, name)                drop one; a layer that held only it becomes its base again
+    add_weighted_adapter(model, names, weights, new_name, combination_type)   combine, as peft does
+
+Each is checked against peft 0.21's methods of the same names in tests/test_switching.py.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from minilora.lora import (
+    LoraConfig,
+    LowRankLinear,
+    ModulesToSave,
+    add_lora,
+    lora_layers,
+    mark_only_lora_trainable,
+    replace_module,
+)
+
+COMBINATIONS = ("cat", "linear", "svd")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name the model's LoRA layers hold, sorted."""
+    return sorted({name for layer in lora_layers(model).values() for name in layer.adapter_names()})
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter the model computes with, or None when adapters are disabled."""
+    names = {layer.adapter_name for layer in lora_layers(model).values() if not layer.disabled}
+    if len(names) > 1:   # cannot happen through this file's functions; say so if a layer was set by hand
+        raise RuntimeError(f"layers of {type(model).__name__} are active with different adapters: {sorted(names)}")
+    return names.pop() if names else None
+
+
+def check_adapter(model: nn.Module, name: str, what: str) -> None:
+    names = adapter_names(model)
+    if name not in names:
+        raise ValueError(f"{what}: {type(model).__name__} has no adapter {name!r} (it has {names or 'none'}; "
+                         f"add one with add_lora or load_adapter)")
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make adapter `name` the active one on every layer that has it; layers without it compute only their
+    base. Only `name` trains afterwards (peft's set_adapter). Returns `model`."""
+    check_adapter(model, name, "set_adapter")
+    merged = [path for path, layer in lora_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(f"set_adapter: layers {merged[:3]} are merged; unmerge them first")
+    for layer in lora_layers(model).values():
+        if name in layer.adapter_names():
+            layer.switch_to(name)
+        layer.disabled = name not in layer.adapter_names()
+    for module in model.modules():
+        if isinstance(module, ModulesToSave):
+            module.disabled = module.adapter_name != name
+    mark_only_lora_trainable(model)
+    return model
+
+
+@contextmanager
+def disable_adapter(model: nn.Module):
+    """`with disable_adapter(model):` the base model, every bypass and trained module copy off; on exit
+    (also after an error) each layer is as it was. What peft's `disable_adapter()` context does, e.g. for
+    the reference model of DPO without a second copy of the weights."""
+    switches = [m for m in model.modules() if isinstance(m, (LowRankLinear, ModulesToSave))]
+    if not switches:
+        raise ValueError(f"disable_adapter: {type(model).__name__} has no adapter layers")
+    before = [m.disabled for m in switches]
+    try:
+        for module in switches:
+            module.disabled = True
+        yield model
+    finally:
+        for module, flag in zip(switches, before):
+            module.disabled = flag
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter `name` from every layer (peft's delete_adapter). A layer left without adapters is
+    replaced by its base again. The active adapter cannot be deleted: set_adapter to another one first,
+    so that what the model computes never changes silently. Returns `model`."""
+    check_adapter(model, name, "delete_adapter")
+    if active_adapter(model) == name and len(adapter_names(model)) > 1:
+        raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter to one of "
+                         f"{[n for n in adapter_names(model) if n != name]} first")
+    for path, layer in lora_layers(model).items():
+        if name not in layer.adapter_names():
+            continue
+        if layer.adapter_names() == [name]:
+            if layer.merged:
+                raise ValueError(f"delete_adapter: layer {path!r} is merged with {name!r}; unmerge it first")
+            replace_module(model, path, layer.base)
+            continue
+        if layer.adapter_name == name:   # active in this layer, not in the model: any other may take its place
+            layer.switch_to(next(other for other in layer.parked if other != name))
+        del layer.parked[name]
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Combining adapters: peft's add_weighted_adapter
+# ----------------------------------------------------------------------------------------------------
+
+
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> nn.Module:
+    """A new adapter from a weighted combination of existing ones, added inactive, as peft computes it.
+
+    With ΔW_i = s_i B_i A_i the update of adapter i, the aim is ΔW = Σ w_i ΔW_i. The three combinations:
+
+      "cat"     exact: stack the factors, A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...]; rank Σ r_i.
+      "svd"     exact sum, then its best rank-k approximation (k = svd_rank, or the largest r_i):
+                Σ w_i ΔW_i = U S Vᵀ,  B = U_k S_k,  A = V_kᵀ.
+      "linear"  peft's: A = Σ ±√|w_i s_i| A_i and B = Σ √|w_i s_i| B_i (the sign on A), all r_i equal.
+                Note: B A then also holds the cross terms √(w_i s_i w_j s_j) B_i A_j for i ≠ j, so it is
+                Σ w_i ΔW_i only when the adapters' subspaces do not interact; the chapter shows by how much
+                it differs on the running example. Prefer "cat" or "svd" when you mean the sum.
+
+    The new adapter's scale is 1 (lora_alpha = r), and it covers every layer any of `adapters` covers.
+    Returns `model`.
+    """
+    layers = check_weighted(model, adapters, weights, adapter_name, combination_type)
+    parts = {path: [(layer.adapter(a), w) for a, w in zip(adapters, weights) if a in layer.adapter_names()]
+             for path, layer in layers.items()}
+    factors = {path: combine(found, combination_type, svd_rank) for path, found in parts.items()}
+    rank = {B.shape[1] for B, _ in factors.values()}
+    if len(rank) != 1:   # cat over layers that miss some adapters, or an svd_rank some layers cannot reach
+        raise ValueError(f"add_weighted_adapter: the combined ranks differ across layers ({sorted(rank)}); "
+                         f"give svd_rank, or combine adapters that cover the same layers")
+    r = rank.pop()
+    dropout = getattr(next(iter(parts.values()))[0][0].lora_dropout, "p", 0.0)   # the first adapter's, as peft
+    add_lora(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=dropout, target_modules=sorted(layers)), adapter_name)
+    with torch.no_grad():
+        for path, (B, A) in factors.items():
+            slot = model.get_submodule(path).adapter(adapter_name)
+            slot.lora_B.copy_(B)
+            slot.lora_A.copy_(A)
+    return model
+
+
+def combine(found: list, combination_type: str, svd_rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of one layer's combined adapter from [(adapter slot, weight), ...], by `combination_type`."""
+    if combination_type == "cat":
+        return (torch.cat([slot.lora_B for slot, _ in found], dim=1),
+                torch.cat([w * slot.scaling * slot.lora_A for slot, w in found], dim=0))
+    if combination_type == "linear":
+        roots = [(math.copysign(math.sqrt(abs(w * slot.scaling)), w * slot.scaling),
+                  math.sqrt(abs(w * slot.scaling))) for slot, w in found]
+        return (sum(root_b * slot.lora_B for (slot, _), (_, root_b) in zip(found, roots)),
+                sum(root_a * slot.lora_A for (slot, _), (root_a, _) in zip(found, roots)))
+    delta = sum(w * slot.scaling * (slot.lora_B @ slot.lora_A) for slot, w in found)
+    k = svd_rank or max(slot.r for slot, _ in found)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return U[:, :k] * S[:k], Vh[:k]
+
+
+def check_weighted(model, adapters, weights, adapter_name, combination_type) -> dict:
+    """The layers holding any of `adapters`, after checking every argument of add_weighted_adapter."""
+    if combination_type not in COMBINATIONS:
+        raise ValueError(f"combination_type must be one of {COMBINATIONS}, got combination_type={combination_type!r}")
+    if not isinstance(adapters, (list, tuple)) or not adapters or \
+            not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
+        raise ValueError(f"adapters and weights must be lists of the same, non-zero length, got "
+                         f"adapters={adapters!r}, weights={weights!r}")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got weights={weights!r}")
+    for name in adapters:
+        check_adapter(model, name, "add_weighted_adapter")
+    layers = {path: layer for path, layer in lora_layers(model).items()
+              if any(a in layer.adapter_names() for a in adapters)}
+    if any(layer.USES_DORA for layer in layers.values()):
+        raise ValueError("add_weighted_adapter: DoRA adapters are not combined here: their magnitudes rescale "
+                         "whole rows, so a weighted sum of two DoRA updates is not a DoRA update")
+    ranks = {layer.adapter(a).r for layer in layers.values() for a in adapters if a in layer.adapter_names()}
+    if combination_type == "linear" and len(ranks) != 1:
+        raise ValueError(f"add_weighted_adapter: combination_type='linear' needs all adapters at one rank, "
+                         f"got ranks {sorted(ranks)}; use 'cat' or 'svd'")
+    return layers
