@@ -149,7 +149,7 @@ def lora_layout(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ..
         layout[f"{PREFIX}{name}.lora_B.weight"] = (module.out_features, r)
         if config.use_dora:
             layout[f"{PREFIX}{name}.lora_magnitude_vector"] = (module.out_features,)
-        bias = getattr(module, "bias", None)
+        bias = getattr(getattr(module, "base", module), "bias", None)   # a plain Linear, or the one wrapped
         if config.bias == "lora_only" and bias is not None:
             layout[f"{PREFIX}{name}.base_layer.bias"] = tuple(bias.shape)
     if config.bias == "all":

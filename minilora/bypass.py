@@ -199,8 +199,7 @@ def selected_modules(model: nn.Module, target_modules, exclude_modules=None, lay
 
     target_modules picks (a list: names or name endings; a str: a regex on the whole name; "all-linear");
     exclude_modules and modules_to_save take away; layers_to_transform (an int or a list of block indices)
-    keeps only the modules in those blocks (`layer_index`). As in peft, a regex target_modules ignores
-    layers_to_transform (peft applies it only to lists, and "all-linear" becomes a list of names there).
+    keeps only the modules in those blocks (`layer_index`; LoraConfig allows it only with a list of names).
     """
     check_target_modules(target_modules)
     adapters = [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
@@ -214,7 +213,7 @@ def selected_modules(model: nn.Module, target_modules, exclude_modules=None, lay
     else:
         names = [name for name in names if matches(name, target_modules)]
     names = [name for name in names if not is_excluded(name, exclude_modules, modules_to_save)]
-    if layers_to_transform not in (None, []) and (all_linear or not isinstance(target_modules, str)):
+    if layers_to_transform not in (None, []):
         wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         names = [name for name in names if layer_index(name, layers_pattern) in wanted]
     return names

@@ -118,6 +118,7 @@ class LoRALinear(LowRankLinear):
         self.adapter_name, self.r, self.lora_alpha = adapter_name, r, lora_alpha
         self.scaling = rslora_scaling(lora_alpha, r) if use_rslora else lora_alpha / r
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout.train(self.training)   # a new module starts in training mode; follow the layer's
         self.lora_A = self.new_matrix(r, self.in_features)
         self.lora_B = self.new_matrix(self.out_features, r)
         self.reset_lora_parameters(init)
@@ -267,6 +268,19 @@ class LoraConfig:
                                                                and all(is_index(i) for i in layers))):
             raise ValueError(f"layers_to_transform must be a block index >= 0 or a list of them, got "
                              f"layers_to_transform={layers!r}")
+        self.check_combinations()
+
+    def check_combinations(self) -> None:
+        """Options that only make sense together, as peft checks them (and one peft would save ambiguously)."""
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(f"layers_to_transform / layers_pattern need target_modules as a list of names, got "
+                             f"target_modules={self.target_modules!r} (a regex says which layers by itself)")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (which blocks)")
+        if self.bias == "all" and self.modules_to_save:
+            raise ValueError(f"bias='all' with modules_to_save={self.modules_to_save!r}: peft saves such a "
+                             f"module's bias under three names (original, copy and its own path); give the "
+                             f"module in modules_to_save (its bias trains with it) and bias='lora_only'")
 
     def rules(self) -> dict:
         """The selection rules besides target_modules, as minilora.bypass.selected_modules takes them."""
@@ -305,6 +319,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     names = find_target_modules(model, config.target_modules, **config.rules())
     ranks = {name: config.rank_and_alpha(name) for name in names}
     to_save = modules_to_save_names(model, config.modules_to_save)
+    check_modules_to_save(model, config.modules_to_save, to_save)
     warn_oversized_ranks(model, {name: r for name, (r, _) in ranks.items()})
 
     def make(name, base):
@@ -351,27 +366,27 @@ def check_beside(model: nn.Module, config: LoraConfig, adapter_name: str, existi
 
 
 def modules_to_save_names(model: nn.Module, modules_to_save) -> list[str]:
-    """The modules `modules_to_save` names, by peft's rule (the full name ends with an entry; note: no "."
-    boundary, so "head" also names "lm_head", as in peft). Entries matching nothing are allowed as long as
-    one matches (peft's classification configs list both "classifier" and "score"). A module whose weights
-    are tied to another one is refused: its trained copy would silently untie them."""
-    if not modules_to_save:
-        return []
-    names = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in modules_to_save)]
-    names = [name for name in names if not any(name.startswith(other + ".") for other in names)]
-    if not names:
+    """The modules `modules_to_save` names, by peft's rule: the full name ends with an entry (note: no "."
+    boundary, so "head" also names "lm_head", as in peft); none inside another one."""
+    names = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in modules_to_save or ())]
+    return [name for name in names if not any(name.startswith(other + ".") for other in names)]
+
+
+def check_modules_to_save(model: nn.Module, modules_to_save, names: list[str]) -> None:
+    """Entries matching nothing are allowed as long as one matches (peft's classification configs list both
+    "classifier" and "score"). A module whose weights are tied to another one is refused: its trained copy
+    would silently untie them."""
+    if modules_to_save and not names:
         raise ValueError(f"modules_to_save={modules_to_save!r} matched no module of {type(model).__name__}")
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, (LowRankLinear, ModulesToSave)):
             raise ValueError(f"modules_to_save: module {name!r} is already a {type(module).__name__}")
         own = {id(p) for p in module.parameters()}
-        inside = name + "."
         for other, param in model.named_parameters(remove_duplicate=False):
-            if id(param) in own and not other.startswith(inside):
+            if id(param) in own and not other.startswith(name + "."):
                 raise ValueError(f"modules_to_save: {name!r} shares its weights with {other!r} (tied); training "
                                  f"a copy of it would untie them")
-    return names
 
 
 def mark_biases_trainable(model: nn.Module, bias: str) -> None:

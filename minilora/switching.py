@@ -147,14 +147,15 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     layers = check_weighted(model, adapters, weights, adapter_name, combination_type)
     parts = {path: [(layer.adapter(a), w) for a, w in zip(adapters, weights) if a in layer.adapter_names()]
              for path, layer in layers.items()}
-    factors = {path: combine(found, combination_type, svd_rank) for path, found in parts.items()}
-    rank = {B.shape[1] for B, _ in factors.values()}
-    if len(rank) != 1:   # cat over layers that miss some adapters, or an svd_rank some layers cannot reach
-        raise ValueError(f"add_weighted_adapter: the combined ranks differ across layers ({sorted(rank)}); "
-                         f"give svd_rank, or combine adapters that cover the same layers")
-    r = rank.pop()
+    # One rank for the new adapter, as peft: Σ r_i for "cat", else svd_rank or the largest r_i; a layer that
+    # reaches less (it misses some adapters) gets zero rows in A and zero columns in B, which add nothing.
+    ranks = {a: max(layer.adapter(a).r for layer in layers.values() if a in layer.adapter_names()) for a in adapters}
+    r = sum(ranks.values()) if combination_type == "cat" else svd_rank or max(ranks.values())
+    factors = {path: combine(found, combination_type, r) for path, found in parts.items()}
+    factors = {path: (pad(B, 1, r), pad(A, 0, r)) for path, (B, A) in factors.items()}
     dropout = getattr(next(iter(parts.values()))[0][0].lora_dropout, "p", 0.0)   # the first adapter's, as peft
-    add_lora(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=dropout, target_modules=sorted(layers)), adapter_name)
+    config = LoraConfig(r=r, lora_alpha=r, lora_dropout=dropout, target_modules=sorted(layers))
+    add_lora(model, config, adapter_name)
     with torch.no_grad():
         for path, (B, A) in factors.items():
             slot = model.get_submodule(path).adapter(adapter_name)
@@ -163,8 +164,18 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     return model
 
 
-def combine(found: list, combination_type: str, svd_rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) of one layer's combined adapter from [(adapter slot, weight), ...], by `combination_type`."""
+def pad(factor: torch.Tensor, dim: int, r: int) -> torch.Tensor:
+    """`factor` with zeros appended along `dim` up to size r (a rank-r adapter that uses fewer directions)."""
+    if factor.shape[dim] > r:
+        raise ValueError(f"add_weighted_adapter: a layer's combined rank {factor.shape[dim]} exceeds r={r}")
+    shape = list(factor.shape)
+    shape[dim] = r - factor.shape[dim]
+    return torch.cat([factor, factor.new_zeros(shape)], dim=dim)
+
+
+def combine(found: list, combination_type: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of one layer's combined adapter from [(adapter slot, weight), ...], by `combination_type`
+    (r: the rank an "svd" keeps)."""
     if combination_type == "cat":
         return (torch.cat([slot.lora_B for slot, _ in found], dim=1),
                 torch.cat([w * slot.scaling * slot.lora_A for slot, w in found], dim=0))
@@ -174,9 +185,8 @@ def combine(found: list, combination_type: str, svd_rank: int | None) -> tuple[t
         return (sum(root_b * slot.lora_B for (slot, _), (_, root_b) in zip(found, roots)),
                 sum(root_a * slot.lora_A for (slot, _), (root_a, _) in zip(found, roots)))
     delta = sum(w * slot.scaling * (slot.lora_B @ slot.lora_A) for slot, w in found)
-    k = svd_rank or max(slot.r for slot, _ in found)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return U[:, :k] * S[:k], Vh[:k]
+    return U[:, :r] * S[:r], Vh[:r]
 
 
 def check_weighted(model, adapters, weights, adapter_name, combination_type) -> dict:
