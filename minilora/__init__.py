@@ -7,13 +7,14 @@ The package is a house with floors; each module imports only from the floors bel
               checks      the shared checks of public arguments (an integer, a number in a range, a choice)
               kernels     the fast 4-bit encode/decode beside nf4's references; cached tables (chapter 3)
               targets     peft's rules for which modules get an adapter, and with which rank (chapter 1)
+              adapter_files  peft's adapter folder: file names, plain settings, strict reading
     floor 1   bypass      what LoRA and AdaLoRA layers share, target matching, merging     (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
               architecture a Llama's shapes and exact parameter counts                    (chapter 7)
               measure     bytes measured on a real model: saved activations, held state    (chapter 7)
               page_pool   which page leaves a full pool (LRU), paging counters            (chapter 5)
               loop        the one training step, sampler, evaluator and data class         (chapter 6)
-    floor 2   lora        the LoRA bypass h = W0 x + (α/r) B A x, add_lora, counts         (chapter 1)
+    floor 2   lora        the LoRA bypass h = W0 x + (α/r) B A x, LoraConfig, add_lora      (chapter 1)
               svd_adapter AdaLoRA's layer P Λ Q, its config, the orthogonality penalty     (chapter 2)
               paged       a paged AdamW: optimizer state in pages, write-back, prefetch     (chapter 5)
               double_quant   quantizing the quantization constants                       (chapter 4)
@@ -21,17 +22,19 @@ The package is a house with floors; each module imports only from the floors bel
               data        the running example: a tiny Llama and a new skill to teach it
               options     every option of a training run, its default, help and check; recipes
     floor 3   adalora     importance scores, the budget schedule, RankAllocator            (chapter 2)
+              family      LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+                        (chapter 1)
+              switching   several adapters on one model: set, disable, delete, combine     (chapter 1)
               memory      the memory model of a fine-tuning run                             (chapter 7)
               qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
-              adapters    adapter files in peft's format, for LoRA and AdaLoRA
               instructions  JSONL instruction data → token tensors
               distributed the loop under torchrun: DDP, FSDP over the adapter only           (chapter 7)
-    floor 4   checkpoints the run folder, checkpoints, metrics file and loss plot
+    floor 4   adapters    adapter files in peft's format: every LoRA option, DoRA, AdaLoRA
               build       the pieces of a run from its options: model, method, data, optimizer, schedule
               plots       the charts the chapters share
               experiments the chapters' experiments: data types (ch. 6), forgetting (ch. 9)
-    floor 5   train       a training run and its command line                              (chapter 6)
-    floor 6   __main__    `python -m minilora demo`, the guided tour
+    floor 5   checkpoints the run folder, checkpoints, metrics file and loss plot
+    floor 6   train       a training run and its command line                              (chapter 6)
+    floor 7   __main__    `python -m minilora demo`, the guided tour
 
 Everything a reader needs most is importable from here: `from minilora import add_lora, LoraConfig`.
 Each module has more (helpers, the readable reference kernels); import those from the module itself.
@@ -57,6 +60,7 @@ from minilora.memory import MemoryReport, estimate
 from minilora.nf4 import dequantize_4bit, fp4_code, int4_code, nf4_code, pack_4bit, quantize_4bit, unpack_4bit
 from minilora.paged import PagedAdamW
 from minilora.qlora import Linear4bit, prepare_for_kbit_training, quantize_model
+from minilora.switching import add_weighted_adapter, delete_adapter, disable_adapter, set_adapter
 
 __version__ = "0.1.0"
 
@@ -68,6 +72,7 @@ __all__ = [
     "LoRALinear", "LoraConfig", "add_lora", "merge_lora", "trainable_summary",
     "find_target_modules", "replace_module", "mark_only_lora_trainable",
     "save_adapter", "load_adapter",
+    "set_adapter", "disable_adapter", "delete_adapter", "add_weighted_adapter",
     # the running example
     "VOCAB", "TokenData", "make_task", "tiny_llama_config", "build_tiny_llama", "pretrained_tiny_llama",
     "evaluate", "finetune", "train_step",
