@@ -138,8 +138,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                 Σ w_i ΔW_i = U S Vᵀ,  B = U_k S_k,  A = V_kᵀ.
       "linear"  peft's: A = Σ ±√|w_i s_i| A_i and B = Σ √|w_i s_i| B_i (the sign on A), all r_i equal.
                 Note: B A then also holds the cross terms √(w_i s_i w_j s_j) B_i A_j for i ≠ j, so it is
-                Σ w_i ΔW_i only when the adapters' subspaces do not interact; the chapter shows by how much
-                it differs on the running example. Prefer "cat" or "svd" when you mean the sum.
+                Σ w_i ΔW_i only when the adapters' subspaces do not interact (chapter 1, §12;
+                tests/test_switching.py measures the gap). Prefer "cat" or "svd" when you mean the sum.
 
     The new adapter's scale is 1 (lora_alpha = r), and it covers every layer any of `adapters` covers.
     Returns `model`.
