@@ -287,6 +287,18 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
             module.modules_to_save.requires_grad_(True)
 
 
+def mark_biases_trainable(model: nn.Module, bias: str) -> None:
+    """peft's bias option: "all" trains every bias of the model, "lora_only" the biases of the adapted layers."""
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if "bias" in name:
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for layer in model.modules():
+            if isinstance(layer, LowRankLinear) and getattr(layer.base, "bias", None) is not None:
+                layer.base.bias.requires_grad_(True)
+
+
 def wrap_modules(model: nn.Module, names: list[str], make) -> None:
     """Put `make(name, module)` in place of every module in `names`, then train only the lora_ parameters.
 

@@ -9,10 +9,11 @@ W0 stays frozen; only A and B train, r · (d_in + d_out) numbers per layer inste
 zero, so the wrapped model computes exactly what the pretrained one did until the first optimizer step.
 
 Reading order: `LoRALinear` (one layer; what every bypass shares, the frozen base, the dropout and merging, is
-minilora.bypass.LowRankLinear), `LoraConfig` (which layers, which rank), then `add_lora` and
-`trainable_summary` for a whole model. The target-matching helpers (`find_target_modules`, `replace_module`,
-`mark_only_lora_trainable`) and `merge_lora` live in minilora.bypass, shared with AdaLoRA, and are exported
-here under the same names.
+minilora.bypass.LowRankLinear; a layer can hold several adapters, chapter 1 §12), `LoraConfig` (which layers,
+which rank, what else trains: peft's options, §13), then `add_lora` and `trainable_summary` for a whole
+model. The target-matching helpers (`find_target_modules`, `replace_module`, `mark_only_lora_trainable`) and
+`merge_lora` live in minilora.bypass, shared with AdaLoRA, and are exported here under the same names;
+peft's name rules themselves are minilora.targets.
 
 A base layer may be an `nn.Linear` or anything that follows the base-layer protocol of minilora.bypass (the
 4-bit `minilora.qlora.Linear4bit` does).
@@ -38,6 +39,7 @@ from minilora.bypass import (  # shared with AdaLoRA; exported from here too, as
     check_target_modules,
     find_target_modules,
     is_linear_like,
+    mark_biases_trainable,
     mark_only_lora_trainable,
     merge_lora,
     replace_module,
@@ -46,7 +48,7 @@ from minilora.bypass import (  # shared with AdaLoRA; exported from here too, as
     wrap_modules,
 )
 from minilora.checks import check_choice, check_int, check_number
-from minilora.targets import check_names, is_index, pattern_value
+from minilora.targets import check_names, is_index, modules_to_save_names, pattern_value
 
 __all__ = ["ALL_LINEAR", "BIAS_OPTIONS", "INITS", "LowRankLinear", "LoRALinear", "LoraConfig", "ModulesToSave",
            "add_lora", "check_base", "rslora_scaling",
@@ -365,13 +367,6 @@ def check_beside(model: nn.Module, config: LoraConfig, adapter_name: str, existi
                          f"{sorted(k.__name__ for k in kinds)} ones; a model holds one kind of LoRA adapter")
 
 
-def modules_to_save_names(model: nn.Module, modules_to_save) -> list[str]:
-    """The modules `modules_to_save` names, by peft's rule: the full name ends with an entry (note: no "."
-    boundary, so "head" also names "lm_head", as in peft); none inside another one."""
-    names = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in modules_to_save or ())]
-    return [name for name in names if not any(name.startswith(other + ".") for other in names)]
-
-
 def check_modules_to_save(model: nn.Module, modules_to_save, names: list[str]) -> None:
     """Entries matching nothing are allowed as long as one matches (peft's classification configs list both
     "classifier" and "score"). A module whose weights are tied to another one is refused: its trained copy
@@ -387,18 +382,6 @@ def check_modules_to_save(model: nn.Module, modules_to_save, names: list[str]) -
             if id(param) in own and not other.startswith(name + "."):
                 raise ValueError(f"modules_to_save: {name!r} shares its weights with {other!r} (tied); training "
                                  f"a copy of it would untie them")
-
-
-def mark_biases_trainable(model: nn.Module, bias: str) -> None:
-    """peft's bias option: "all" trains every bias of the model, "lora_only" the biases of the adapted layers."""
-    if bias == "all":
-        for name, param in model.named_parameters():
-            if "bias" in name:
-                param.requires_grad_(True)
-    elif bias == "lora_only":
-        for layer in lora_layers(model).values():
-            if getattr(layer.base, "bias", None) is not None:
-                layer.base.bias.requires_grad_(True)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -114,3 +114,10 @@ def check_names(label: str, value, regex: bool) -> None:
         allowed = "None, a regex string or a non-empty list of module names" if regex else \
             "None or a non-empty list of module names"
         raise ValueError(f"{label} must be {allowed}, got {label}={value!r}")
+
+
+def modules_to_save_names(model: nn.Module, modules_to_save) -> list[str]:
+    """The modules `modules_to_save` names, by peft's rule: the full name ends with an entry (note: no "."
+    boundary, so "head" also names "lm_head", as in peft); none inside another one."""
+    names = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in modules_to_save or ())]
+    return [name for name in names if not any(name.startswith(other + ".") for other in names)]
