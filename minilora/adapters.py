@@ -173,13 +173,9 @@ def lora_tensor(model: nn.Module, key: str, adapter_name: str) -> torch.Tensor:
             return getattr(layer.adapter(adapter_name), attribute)
     if path.endswith(".base_layer.bias"):
         return model.get_submodule(path[:-len(".base_layer.bias")]).base.bias
-    owner, _, parameter = path.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    while not isinstance(module, ModulesToSave) and owner:   # a parameter inside a saved module's copy?
-        owner, _, inner = owner.rpartition(".")
-        module, parameter = (model.get_submodule(owner) if owner else model), f"{inner}.{parameter}"
-    if isinstance(module, ModulesToSave):
-        return module.modules_to_save.get_parameter(parameter)
+    for name, module in model.named_modules():   # a parameter of a module trained in full: its copy's
+        if isinstance(module, ModulesToSave) and path.startswith(name + "."):
+            return module.modules_to_save.get_parameter(path[len(name) + 1:])
     return model.get_parameter(path)
 
 

@@ -344,8 +344,11 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
 
 
 def check_adapter_name(adapter_name) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got adapter_name={adapter_name!r}")
+    """A name can key `LoRALinear.parked` (an nn.ModuleDict): no ".", and not one of its own attributes."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name \
+            or hasattr(nn.ModuleDict(), adapter_name):
+        raise ValueError(f"adapter_name must be a non-empty string without '.' that is not an attribute of "
+                         f"nn.ModuleDict (such as 'keys' or 'training'), got adapter_name={adapter_name!r}")
 
 
 def check_beside(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict, layer_class) -> None:
@@ -361,6 +364,9 @@ def check_beside(model: nn.Module, config: LoraConfig, adapter_name: str, existi
         raise ValueError(f"adapter {adapter_name!r} cannot go beside {taken}: with several adapters, bias must "
                          f"be 'none' and modules_to_save empty for all (got bias={config.bias!r}, "
                          f"modules_to_save={config.modules_to_save!r}, model has modules_to_save: {holds_extra})")
+    merged = [name for name, layer in existing.items() if layer.merged]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r}: layers {merged[:3]} are merged; unmerge them first")
     kinds = {type(layer) for layer in existing.values()}
     if kinds != {layer_class}:
         raise ValueError(f"adapter {adapter_name!r} would put {layer_class.__name__} adapters beside "

@@ -224,3 +224,21 @@ def test_config_options_reject_bad_values(kwargs, match):
 def test_use_dora_needs_add_dora():
     with pytest.raises(ValueError, match="minilora.family.add_dora"):
         add_lora(Classifier(), LoraConfig(target_modules=["q"], use_dora=True))
+
+
+def test_a_saved_module_with_submodules_goes_both_ways(tmp_path):
+    """modules_to_save=["head"] on a head that is itself several layers: keys "head.0.weight", ... in peft."""
+    def deep_head():
+        model = Classifier()
+        model.head = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+        return model
+
+    config = LoraConfig(r=4, target_modules=["q"], modules_to_save=["head"])
+    pm = peft_of(deep_head(), config)
+    randomize(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(deep_head(), tmp_path / "peft")
+    torch.testing.assert_close(ours(X), pm(X), rtol=0, atol=ATOL)
+    save_adapter(ours, tmp_path / "ours", config)
+    theirs = peft.PeftModel.from_pretrained(deep_head(), tmp_path / "ours")
+    torch.testing.assert_close(theirs(X), pm(X), rtol=0, atol=ATOL)

@@ -196,6 +196,8 @@ def test_bad_calls(tiny_llama):
         add_weighted_adapter(ours, ["a", "b"], [1.0], "mix", "cat")
     with pytest.raises(ValueError, match="adapter_name must be a non-empty string without '.'"):
         add_lora(ours, A, "a.b")
+    with pytest.raises(ValueError, match="not an attribute of nn.ModuleDict.*'keys'"):
+        add_lora(ours, A, "keys")
     with pytest.raises(ValueError, match="bias must be 'none'"):
         add_lora(ours, LoraConfig(target_modules=("k_proj",), bias="all"), "c")
     with pytest.raises(ValueError, match="DoRALinear adapters beside"):
@@ -203,6 +205,9 @@ def test_bad_calls(tiny_llama):
     ours.model.layers[0].self_attn.q_proj.merge()
     with pytest.raises(ValueError, match="merged"):
         set_adapter(ours, "b")
+    with pytest.raises(ValueError, match="are merged; unmerge them first"):
+        add_lora(ours, LoraConfig(target_modules=("q_proj",)), "c")      # refused before any layer changes
+    assert adapter_names(ours) == ["a", "b"]
     with pytest.raises(ValueError, match="no adapter layers"):
         with disable_adapter(tiny_llama()):
             pass
