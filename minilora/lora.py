@@ -301,7 +301,7 @@ class LoraConfig:
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-             layer_class: type = None) -> nn.Module:
+             layer_class: type | None = None) -> nn.Module:
     """Give every target of `config` a LoRA bypass (in place) and freeze everything else; returns `model`.
 
     The first adapter becomes active. On a model that has adapters already, the new one is added beside them
