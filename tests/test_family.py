@@ -218,7 +218,7 @@ def test_saving_dora_refuses_mixed_scales(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("damage, message", [("drop", "missing"), ("reshape", "has shape"),
                                              ("rename", "unexpected key")])
-def test_load_dora_refuses_a_file_that_does_not_fit(tiny_llama, tmp_path, damage, message):
+def test_a_dora_file_that_does_not_fit_is_refused(tiny_llama, tmp_path, damage, message):
     _, pm = paired(tiny_llama, dora=True)
     pm.save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
