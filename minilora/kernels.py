@@ -13,12 +13,12 @@ benchmarks/results/):
    level · absmax is formed in float32 in the gathered levels, then copied into the output dtype (one
    rounding, as in the reference and in bitsandbytes). `torch.mul(..., out=bf16)` would do the same
    through a hidden float32 temporary, and measured 25 % slower.
-2. Steps of a fixed size. Each step is a dozen Python-level torch calls (~15-25 us), so a step must be
-   large enough to hide that, and small enough that its temporaries stay in cache (a whole-tensor
-   version of the same ops is 2-3x slower: every temporary goes to RAM and back). Decode, 4096 x 4096
-   into a new bf16 tensor, one thread, best of 15: 55.9 ms in steps of 32,768 values, 46.8 in 65,536,
-   41.9 in 131,072, 39.9 in 262,144 (DECODE_STEP; 38.0 with the int32 index used here). Encode keeps
-   steps of CHUNK_ELEMENTS: its 15 passes over each step's float32 copy want it in L2.
+2. Steps of CHUNK_ELEMENTS values. Each step is a dozen or more Python-level torch calls (~2 us each), so
+   a step must be large enough to hide that, and small enough that its temporaries stay in cache (a
+   whole-tensor version of the same ops is 2-3x slower: every temporary goes to RAM and back). Measured
+   on 4096 x 4096 bf16, one thread, best of 15 (5 for encode), steps of 32,768 / 65,536 / 131,072 /
+   262,144 values: decode into a new tensor 55.9 / 46.8 / 41.9 / 39.9 ms (38.0 with the int32 index
+   used here), encode 262 / 206 / 165 / 151 ms (two runs; 154 at 524,288).
 3. No small parallel regions: every ATen op of a kernel, and of the checks around it, runs with one
    intra-op thread (`one_intra_op_thread`). Opening a parallel region per op was the collapse measured
    beside a busy process (issue 12: 47x slower than bitsandbytes): each of hundreds of regions waited
@@ -47,8 +47,7 @@ from contextlib import contextmanager
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 15  # encode step (point 2): 15 passes over one step's float32 copy, kept in L2
-DECODE_STEP = 1 << 18  # decode step (point 2): 4 cheap ops per step; the fastest measured on AVX2
+CHUNK_ELEMENTS = 1 << 18  # values per step on a CPU, encode and decode (point 2): the fastest measured
 
 _CACHE: dict = {}
 
@@ -75,11 +74,11 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return cached(key, lambda: torch.empty(numel, dtype=dtype, device=device))
 
 
-def step_elements(device: torch.device, blocksize: int, n: int, cpu_step: int) -> int:
-    """How many values one step handles: `cpu_step` on a CPU (point 2), everything at once elsewhere."""
+def step_elements(device: torch.device, blocksize: int, n: int) -> int:
+    """How many values one step handles: CHUNK_ELEMENTS on a CPU (point 2), everything at once elsewhere."""
     if device.type != "cpu":
         return max(n - n % blocksize, blocksize)
-    return max(cpu_step, blocksize)  # a multiple of blocksize (both are powers of two), hence even
+    return max(CHUNK_ELEMENTS, blocksize)  # a multiple of blocksize (both are powers of two), hence even
 
 
 @contextmanager
@@ -186,7 +185,7 @@ def decode_full_blocks(flat_bytes, flat_absmax, full: int, blocksize: int, pair_
         levels.mul_(flat_absmax[start // blocksize: stop // blocksize].unsqueeze(1))  # float32, in place
         out[start:stop].view(-1, blocksize).copy_(levels)  # rounded once to out's dtype
 
-    run_steps(full, step_elements(out.device, blocksize, full, DECODE_STEP), out.device, work)
+    run_steps(full, step_elements(out.device, blocksize, full), out.device, work)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,4 +231,4 @@ def encode_full_blocks(flat, full: int, blocksize: int, midpoints, pattern_of_po
         q = pattern_of_position[position.long()] if pattern_of_position is not None else position
         torch.bitwise_or(q[0::2] << 4, q[1::2], out=packed_out[start // 2: stop // 2])
 
-    run_steps(full, step_elements(flat.device, blocksize, full, CHUNK_ELEMENTS), flat.device, work)
+    run_steps(full, step_elements(flat.device, blocksize, full), flat.device, work)

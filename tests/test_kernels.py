@@ -56,9 +56,8 @@ def check_both_kernels(x, blocksize, quant_type):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_fast_equals_reference_at_every_blocksize(blocksize, quant_type):
-    # Two full steps of the decode (and 16 of the encode) plus a partial block and an odd length: every
-    # branch of both kernels.
-    n = 2 * max(kernels.DECODE_STEP, CHUNK_ELEMENTS, blocksize) + blocksize // 2 + 1
+    # Two full steps plus a partial block and an odd length: every branch of both kernels.
+    n = 2 * max(CHUNK_ELEMENTS, blocksize) + blocksize // 2 + 1
     check_both_kernels(heavy_tailed(n, seed=blocksize), blocksize, quant_type)
 
 
@@ -72,14 +71,14 @@ def test_fast_equals_reference_on_small_and_odd_shapes(shape, in_dtype):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_same_bytes_at_any_thread_count_and_the_count_is_restored(threads):
-    # 4 decode steps and 16 encode steps plus a partial block and an odd length: at 2 threads both kernels
-    # hand their steps to a worker thread too (run_steps), and must still give the reference's bytes.
-    x = heavy_tailed(4 * kernels.DECODE_STEP + 64 * 5 + 3, seed=threads).to(torch.bfloat16)
+    # 4 steps plus a partial block and an odd length: at 2 threads both kernels hand steps to a worker
+    # thread too (run_steps), and must still give the reference's bytes.
+    x = heavy_tailed(4 * CHUNK_ELEMENTS + 64 * 5 + 3, seed=threads).to(torch.bfloat16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         check_both_kernels(x, 64, "nf4")
-        check_both_kernels(x[: 3 * kernels.DECODE_STEP + 1], 256, "fp4")
+        check_both_kernels(x[: 3 * CHUNK_ELEMENTS + 1], 256, "fp4")
         assert torch.get_num_threads() == threads  # the kernels' one-thread setting is undone
     finally:
         torch.set_num_threads(before)
