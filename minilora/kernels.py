@@ -23,8 +23,8 @@ benchmarks/results/):
    intra-op thread (`one_intra_op_thread`). Opening a parallel region per op was the collapse measured
    beside a busy process (issue 12: 47x slower than bitsandbytes): each of hundreds of regions waited
    for a descheduled thread. Even the one `isfinite(absmax).all()` check, at 2 threads beside a busy
-   process, took 26 ms instead of 1 ms, and libgomp's idle workers then spin on the core the decode
-   needs. Parallelism is ours instead, and coarse (`run_steps`): with torch.get_num_threads() = T > 1,
+   process, took 26 ms instead of 1 ms, and the decode after it lost 82 ms in all (most likely libgomp's
+   idle worker, which spins for a while after a region on the core that the decode needs). Parallelism is ours instead, and coarse (`run_steps`): with torch.get_num_threads() = T > 1,
    the caller and T - 1 worker threads take whole steps from one shared queue until none is left, so a
    descheduled thread delays at most the step it holds, not half the tensor. The torch ops release the
    GIL; the Python between them is ~10 % of a step.
