@@ -24,7 +24,8 @@ benchmarks/results/):
    beside a busy process (issue 12: 47x slower than bitsandbytes): each of hundreds of regions waited
    for a descheduled thread. Even the one `isfinite(absmax).all()` check, at 2 threads beside a busy
    process, took 26 ms instead of 1 ms, and the decode after it lost 82 ms in all (most likely libgomp's
-   idle worker, which spins for a while after a region on the core that the decode needs). Parallelism is ours instead, and coarse (`run_steps`): with torch.get_num_threads() = T > 1,
+   idle worker, which spins for a while after a region on the core that the decode needs).
+   Parallelism is ours instead, and coarse (`run_steps`): with torch.get_num_threads() = T > 1,
    the caller and T - 1 worker threads take whole steps from one shared queue until none is left, so a
    descheduled thread delays at most the step it holds, not half the tensor. The torch ops release the
    GIL; the Python between them is ~10 % of a step.
@@ -105,7 +106,9 @@ def all_finite(x: torch.Tensor) -> torch.Tensor:
 def workers(count: int) -> ThreadPoolExecutor:
     """`count` threads kept for the process, whose own ATen ops each run on one thread (point 3).
 
-    Keyed by process id too: a forked child has none of its parent's threads and builds its own.
+    Keyed by process id too: a forked child has none of its parent's threads and builds its own. The
+    initializer's torch.set_num_threads(1) also changes process-wide settings (MKL's, ATen's default for new
+    threads); run_steps restores the caller's count after its workers are done, which undoes that.
     """
     return cached(("workers", count, os.getpid()), lambda: ThreadPoolExecutor(
         count, thread_name_prefix="minilora-kernels", initializer=torch.set_num_threads, initargs=(1,)))

@@ -146,8 +146,24 @@ def test_run_steps_raises_a_step_error_and_restores_threads(threads):
         torch.set_num_threads(before)
 
 
-def test_all_finite_runs_on_one_thread_and_answers_right():
-    assert bool(kernels.all_finite(torch.ones(100_000))) and torch.get_num_threads() >= 1
+def test_run_steps_raises_an_error_from_a_worker_after_all_threads_stopped():
+    def fails_on_a_worker(start, stop):
+        time.sleep(1e-3)  # slow steps: the worker starts long before the caller could finish them all
+        if threading.current_thread().name.startswith("minilora-kernels"):
+            raise RuntimeError(f"worker step {start}")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match=r"worker step \d+"):
+            kernels.run_steps(64 * 8, 8, torch.device("cpu"), fails_on_a_worker)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_all_finite_answers_right():
+    assert bool(kernels.all_finite(torch.ones(100_000)))
     x = torch.ones(100_000)
     x[77_777] = float("inf")
     assert not bool(kernels.all_finite(x))
