@@ -1,17 +1,20 @@
 """Blockwise NF4 quantize / dequantize: minilora.nf4 next to bitsandbytes' CPU kernels, same tensor, same process.
 
-    python benchmarks/bench_quant.py            # 4096 x 4096 and 11008 x 4096 bf16 (a 7B MLP projection)
-    python benchmarks/bench_quant.py --quick    # 4096 x 4096 only, fewer repeats
-    python benchmarks/bench_quant.py --threads 1
+    python benchmarks/bench_quant.py                # 4096 x 4096 and 11008 x 4096 bf16, at 1 and 2 threads
+    python benchmarks/bench_quant.py --quick        # 4096 x 4096 only, fewer repeats
+    python benchmarks/bench_quant.py --threads 1    # one thread count only
 
-For every shape: median wall time of quantize (bf16 -> packed NF4 + absmax, blocksize 64) and dequantize
-(-> bf16), the ratio ours / bitsandbytes, and a plain bf16 copy of the same matrix as a memory-bandwidth
-yardstick. Also checks that both libraries produce the same bytes and values (bit-exact). Then the
-dequantize again beside a busy process (a second Python process spinning on one core), the condition in
-which many small parallel regions collapse. Goals (issue 12): quantize at most 0.5x bitsandbytes' time,
-dequantize at most 1.0x bitsandbytes and 1.3x a bf16 copy, and at most 1.5x bitsandbytes when busy.
-Prints a Markdown table headed by `minilora.machine.describe_line()` and writes it to
-benchmarks/results/bench_quant.md. Timings, not asserts: they depend on the machine and its load.
+For every shape and thread count: the median wall time of quantize (bf16 -> packed NF4 + absmax, blocksize
+64) and dequantize (-> a new bf16 tensor), the ratio ours / bitsandbytes, and a plain bf16 copy of the same
+matrix (`clone`, also into a new tensor) as a memory-bandwidth yardstick. The candidates are timed in turn
+(ours, bitsandbytes, copy, ours, ...), so that a change in the machine's load hits all of them alike; the
+median is over `--repeats` such rounds. Then the dequantize rounds again beside a busy process (a second
+Python process spinning on one core), the condition in which many small parallel regions collapse. Also
+checks that both libraries produce the same bytes and values (bit-exact). Goals (issue 12): quantize at
+most 0.5x bitsandbytes' time; dequantize at most 1.0x bitsandbytes and 1.3x a bf16 copy; at most 1.5x
+bitsandbytes when busy. Prints a Markdown table headed by `minilora.machine.describe_line()` (taken while
+the measurement ran) and writes it to benchmarks/results/bench_quant.md. Timings, not asserts: they depend
+on the machine and its load.
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ from minilora.nf4 import dequantize_4bit, quantize_4bit  # noqa: E402
 BLOCKSIZE = 64
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, code tables, lazy initialisation
-    times = []
+def alternating_medians(fns: dict, repeats: int) -> dict:
+    """{name: median seconds}, timing the functions in turn, `repeats` rounds, after one warm-up round."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, code tables, worker threads, lazy initialisation
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def busy_process():
@@ -53,9 +59,10 @@ def busy_process():
     return spinner
 
 
-def bench_shape(shape, repeats: int) -> list[dict]:
+def bench_shape(shape, threads: int, repeats: int) -> list[dict]:
     import bitsandbytes.functional as bnb_f
 
+    torch.set_num_threads(threads)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(torch.bfloat16)
     packed, absmax = quantize_4bit(w, BLOCKSIZE, "nf4")
     bnb_packed, state = bnb_f.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4")
@@ -64,46 +71,51 @@ def bench_shape(shape, repeats: int) -> list[dict]:
     quant_exact = torch.equal(packed, bnb_packed.reshape(-1)) and torch.equal(
         absmax.view(torch.int32), state.absmax.view(torch.int32))
     dequant_exact = torch.equal(ours_w.view(torch.int16), bnb_w.view(torch.int16))
+    del ours_w, bnb_w
 
-    copy = median_seconds(lambda: w.clone(), repeats)
+    quantize = {"ours": lambda: quantize_4bit(w, BLOCKSIZE, "nf4"),
+                "bnb": lambda: bnb_f.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4"),
+                "copy": lambda: w.clone()}
+    dequantize = {"ours": lambda: dequantize_4bit(packed, absmax, shape, BLOCKSIZE, "nf4", torch.bfloat16),
+                  "bnb": lambda: bnb_f.dequantize_4bit(bnb_packed, state),
+                  "copy": lambda: w.clone()}
     rows = []
-    for op, ours_fn, bnb_fn, exact, goal in [
-        ("quantize", lambda: quantize_4bit(w, BLOCKSIZE, "nf4"),
-         lambda: bnb_f.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4"), quant_exact, 0.5),
-        ("dequantize", lambda: dequantize_4bit(packed, absmax, shape, BLOCKSIZE, "nf4", torch.bfloat16),
-         lambda: bnb_f.dequantize_4bit(bnb_packed, state), dequant_exact, 1.0),
-    ]:
-        ours, theirs = median_seconds(ours_fn, repeats), median_seconds(bnb_fn, repeats)
-        rows.append({"shape": shape, "op": op, "ours": ours, "bnb": theirs, "ratio": ours / theirs, "goal": goal,
-                     "copy": copy, "exact": exact})
+    for op, fns, exact, goal in [("quantize", quantize, quant_exact, 0.5),
+                                 ("dequantize", dequantize, dequant_exact, 1.0)]:
+        t = alternating_medians(fns, repeats)
+        rows.append({"shape": shape, "threads": threads, "op": op, **t, "goal": goal, "exact": exact,
+                     "load": describe_line()})
     spinner = busy_process()
     try:
-        ours = median_seconds(ours_fn, repeats)  # the loop's last pair: the dequantize
-        theirs = median_seconds(bnb_fn, repeats)
-        busy_copy = median_seconds(lambda: w.clone(), repeats)
+        t = alternating_medians(dequantize, repeats)
+        load = describe_line()
     finally:
         spinner.kill()
         spinner.wait()
-    rows.append({"shape": shape, "op": "dequantize, busy", "ours": ours, "bnb": theirs, "ratio": ours / theirs,
-                 "goal": 1.5, "copy": busy_copy, "exact": dequant_exact})
+    rows.append({"shape": shape, "threads": threads, "op": "dequantize, busy", **t, "goal": 1.5,
+                 "exact": dequant_exact, "load": load})
     return rows
 
 
-def markdown(rows: list[dict], threads: int) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = [
-        f"# bench_quant: NF4, blocksize {BLOCKSIZE}, bf16 weights, median of timed runs",
+        f"# bench_quant: NF4, blocksize {BLOCKSIZE}, bf16 weights, median of alternating timed runs",
         "",
-        f"{describe_line()} (threads asked: {threads})",
+        f"{describe_line()} (at the end; each row's load average, taken as it ran, is in the last column)",
         "",
-        "| shape | op | minilora (ms) | bitsandbytes (ms) | ratio | goal | bf16 copy (ms) | vs copy | bit-exact |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | threads | op | minilora (ms) | bitsandbytes (ms) | ratio | goal | bf16 copy (ms) | vs copy "
+        "| bit-exact | load |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        ok = "yes" if r["ratio"] <= r["goal"] else "no"
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['op']} | {1e3 * r['ours']:.1f} | "
-                     f"{1e3 * r['bnb']:.1f} | {r['ratio']:.2f} | <= {r['goal']} ({ok}) | {1e3 * r['copy']:.1f} | "
-                     f"{r['ours'] / r['copy']:.2f} | "
-                     f"{'yes' if r['exact'] else 'NO'} |")
+        ratio = r["ours"] / r["bnb"]
+        ok = "yes" if ratio <= r["goal"] else "no"
+        vs_copy = r["ours"] / r["copy"]
+        copy_goal = "" if r["op"] != "dequantize" else f" (<= 1.3: {'yes' if vs_copy <= 1.3 else 'no'})"
+        load = r["load"].split("load ")[1].split(",")[0]
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['threads']} | {r['op']} | {1e3 * r['ours']:.1f} | "
+                     f"{1e3 * r['bnb']:.1f} | {ratio:.2f} | <= {r['goal']} ({ok}) | {1e3 * r['copy']:.1f} | "
+                     f"{vs_copy:.2f}{copy_goal} | {'yes' if r['exact'] else 'NO'} | {load} |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,19 +129,19 @@ def write_atomically(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4096 x 4096 only, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 7)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (default 7)")
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to measure, comma-separated")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_quant.md")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
+    thread_counts = [int(t) for t in args.threads.split(",")]
 
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, repeats)
-    table = markdown(rows, args.threads or torch.get_num_threads())
+        for threads in thread_counts:
+            rows += bench_shape(shape, threads, repeats)
+    table = markdown(rows)
     print(table)
     write_atomically(args.out, table)
     print(f"written to {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")

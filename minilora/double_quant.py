@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from minilora.kernels import cached, scale_blocks, scratch
+from minilora.kernels import cached, one_intra_op_thread, scale_blocks, scratch
 from minilora.nf4 import check_quant_options, dequantize_4bit, get_code, quantize_4bit
 
 DQ_BLOCKSIZE = 256  # constants per second-level block, as in QLoRA and bitsandbytes
@@ -218,11 +218,14 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight Ŵ = code[q] · absmax, shaped like the original, in `dtype` (see reuse_output)."""
-        out, device = None, self.packed.device
-        if self.reuse_output and device.type == "cpu" and not torch.compiler.is_compiling():
-            out = scratch(self.numel, dtype, device)
-        return dequantize_4bit(self.packed, self.block_absmax(), self.shape, self.blocksize, self.quant_type,
-                               dtype, out=out)
+        device = self.packed.device
+        if device.type != "cpu" or torch.compiler.is_compiling():
+            return dequantize_4bit(self.packed, self.block_absmax(), self.shape, self.blocksize,
+                                   self.quant_type, dtype)
+        with one_intra_op_thread():  # the constants' decode opens no parallel region either (kernels, point 3)
+            absmax = self.block_absmax()
+        out = scratch(self.numel, dtype, device) if self.reuse_output else None
+        return dequantize_4bit(self.packed, absmax, self.shape, self.blocksize, self.quant_type, dtype, out=out)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored data tensors by name (no metadata)."""

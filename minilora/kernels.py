@@ -10,16 +10,25 @@ benchmarks/results/):
 
 1. Few, cheap passes over memory. A byte holds two 4-bit codes, so a 256-entry table of level *pairs*
    decodes a byte with one gather, instead of two shifts, two gathers and an interleave. The product
-   level · absmax is formed in float32 and written straight into the output dtype (one rounding, as in
-   the reference and in bitsandbytes).
-2. Steps of CHUNK_ELEMENTS values: the temporaries of one step (an int64 index, the gathered levels) stay
-   in the CPU's L2 cache. A whole-tensor version of the same three ops is 2-3x slower: every temporary
-   goes to RAM and back.
-3. One thread, no parallel region. Each step's ops are small (CHUNK_ELEMENTS = ATen's parallel grain
-   size), and opening a parallel region per op was the collapse measured beside a busy process (issue 12:
-   47x slower than bitsandbytes): each of hundreds of regions waited for a descheduled thread. Decoding is
-   memory-bound; a second thread bought nothing here (a pool of workers, one run of steps each, was
-   slower than one thread on this loaded 2-core machine, so it was dropped).
+   level · absmax is formed in float32 in the gathered levels, then copied into the output dtype (one
+   rounding, as in the reference and in bitsandbytes). `torch.mul(..., out=bf16)` would do the same
+   through a hidden float32 temporary, and measured 25 % slower.
+2. Steps of CHUNK_ELEMENTS values. Each step is a dozen or more Python-level torch calls (~2 us each), so
+   a step must be large enough to hide that, and small enough that its temporaries stay in cache (a
+   whole-tensor version of the same ops is 2-3x slower: every temporary goes to RAM and back). Measured
+   on 4096 x 4096 bf16, one thread, best of 15 (5 for encode), steps of 32,768 / 65,536 / 131,072 /
+   262,144 values: decode into a new tensor 55.9 / 46.8 / 41.9 / 39.9 ms (38.0 with the int32 index
+   used here), encode 262 / 206 / 165 / 151 ms (two runs; 154 at 524,288).
+3. No small parallel regions: every ATen op of a kernel, and of the checks around it, runs with one
+   intra-op thread (`one_intra_op_thread`). Opening a parallel region per op was the collapse measured
+   beside a busy process (issue 12: 47x slower than bitsandbytes): each of hundreds of regions waited
+   for a descheduled thread. Even the one `isfinite(absmax).all()` check, at 2 threads beside a busy
+   process, took 26 ms instead of 1 ms, and the decode after it lost 82 ms in all (most likely libgomp's
+   idle worker, which spins for a while after a region on the core that the decode needs).
+   Parallelism is ours instead, and coarse (`run_steps`): with torch.get_num_threads() = T > 1,
+   the caller and T - 1 worker threads take whole steps from one shared queue until none is left, so a
+   descheduled thread delays at most the step it holds, not half the tensor. The torch ops release the
+   GIL; the Python between them is ~10 % of a step.
 4. On a GPU the opposite holds (each op is a kernel launch), so there a step is the whole tensor. Under
    torch.compile nf4.py hands the compiler the reference formula instead, which it fuses into one loop.
 5. No fresh output per call where it is safe: a newly allocated 4096 x 4096 bf16 tensor costs ~8,200 page
@@ -32,12 +41,14 @@ rebuild cost ~0.3 ms per decode and stopped `torch.compile(fullgraph=True)` at a
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
-# = ATen's at::internal::GRAIN_SIZE: ops on at most this many elements run on the calling thread (point 3).
-CHUNK_ELEMENTS = 1 << 15
+CHUNK_ELEMENTS = 1 << 18  # values per step on a CPU, encode and decode (point 2): the fastest measured
 
 _CACHE: dict = {}
 
@@ -65,27 +76,81 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 def step_elements(device: torch.device, blocksize: int, n: int) -> int:
-    """How many values one step handles: cache-sized on a CPU (point 2), everything at once elsewhere."""
+    """How many values one step handles: CHUNK_ELEMENTS on a CPU (point 2), everything at once elsewhere."""
     if device.type != "cpu":
         return max(n - n % blocksize, blocksize)
     return max(CHUNK_ELEMENTS, blocksize)  # a multiple of blocksize (both are powers of two), hence even
 
 
-def run_steps(total: int, step: int, device: torch.device, work) -> None:
-    """Call `work(start, stop)` for the steps [start, stop) covering range(0, total), `step` values each.
+@contextmanager
+def one_intra_op_thread():
+    """Run the ATen ops inside on the calling thread alone (point 3); yields the caller's thread count.
 
-    On a CPU every op of every step runs on the calling thread (point 3): torch.set_num_threads(1) for the
-    duration (OpenMP keeps the thread count per calling thread, so other threads are not affected), then
-    the caller's count is restored, also when `work` raises.
+    torch.set_num_threads(1) for the duration, the caller's count restored after, also on an error. OpenMP
+    keeps the count per calling thread, so other threads are not affected.
     """
     threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
-        for start in range(0, total, step):
-            work(start, min(start + step, total))
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+def all_finite(x: torch.Tensor) -> torch.Tensor:
+    """torch.isfinite(x).all(), with no parallel region (point 3: a check is a kernel too)."""
+    with one_intra_op_thread():
+        return torch.isfinite(x).all()
+
+
+def workers(count: int) -> ThreadPoolExecutor:
+    """`count` threads kept for the process, whose own ATen ops each run on one thread (point 3).
+
+    Keyed by process id too: a forked child has none of its parent's threads and builds its own. The
+    initializer's torch.set_num_threads(1) also changes process-wide settings (MKL's, ATen's default for new
+    threads); run_steps restores the caller's count after its workers are done, which undoes that.
+    """
+    return cached(("workers", count, os.getpid()), lambda: ThreadPoolExecutor(
+        count, thread_name_prefix="minilora-kernels", initializer=torch.set_num_threads, initargs=(1,)))
+
+
+def run_steps(total: int, step: int, device: torch.device, work) -> None:
+    """Call `work(start, stop)` once for each step [start, stop) covering range(0, total), `step` values each.
+
+    Off the CPU: in order, on the calling thread. On a CPU (point 3): no ATen parallel region anywhere;
+    with T = torch.get_num_threads() > 1 and at least 2 steps per thread, the caller and T - 1 `workers`
+    each take the next undone step until none is left (so `work` must only write its own step's outputs).
+    Returns when every step is done; the first error stops the handing-out of steps and is raised.
+    """
+    starts = iter(range(0, total, step))
+    if device.type != "cpu":
+        for start in starts:
+            work(start, min(start + step, total))
+        return
+    lock, failed = threading.Lock(), []
+
+    def take_steps() -> None:
+        while True:
+            with lock:  # hand out each step once
+                start = None if failed else next(starts, None)
+            if start is None:
+                return
+            try:
+                work(start, min(start + step, total))
+            except BaseException:
+                failed.append(True)
+                raise
+
+    with one_intra_op_thread() as threads:
+        helpers = min(threads, -(-total // step) // 2) - 1
+        pending = [workers(helpers).submit(take_steps) for _ in range(helpers)] if helpers > 0 else []
+        try:
+            take_steps()
+        finally:
+            for future in pending:  # never return (or raise) while a worker may still write
+                future.exception()
+        for future in pending:
+            future.result()  # a worker's error, raised here
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,10 +183,10 @@ def decode_full_blocks(flat_bytes, flat_absmax, full: int, blocksize: int, pair_
     dtype; the float32 product is rounded once into it.
     """
     def work(start: int, stop: int) -> None:
-        index = flat_bytes[start // 2: stop // 2].long()  # uint8 -> int64, as index_select needs
+        index = flat_bytes[start // 2: stop // 2].int()  # uint8 -> int32 (index_select takes int32 or int64)
         levels = pair_table.index_select(0, index).view(torch.float32).view(-1, blocksize)
-        torch.mul(levels, flat_absmax[start // blocksize: stop // blocksize].unsqueeze(1),
-                  out=out[start:stop].view(-1, blocksize))
+        levels.mul_(flat_absmax[start // blocksize: stop // blocksize].unsqueeze(1))  # float32, in place
+        out[start:stop].view(-1, blocksize).copy_(levels)  # rounded once to out's dtype
 
     run_steps(full, step_elements(out.device, blocksize, full), out.device, work)
 

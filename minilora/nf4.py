@@ -34,6 +34,7 @@ import torch
 
 from minilora.kernels import (
     CHUNK_ELEMENTS,  # noqa: F401  (re-exported: tests size their inputs by it)
+    all_finite,
     cached,
     count_midpoints_below,
     decode_full_blocks,
@@ -248,7 +249,7 @@ def check_quantize_args(x, blocksize, quant_type) -> torch.Tensor:
 
 def check_finite(absmax: torch.Tensor) -> None:
     # max|x| over a block is NaN or Inf exactly when the block holds a NaN or an Inf: one cheap test.
-    if not bool(torch.isfinite(absmax).all()):
+    if not bool(all_finite(absmax)):
         raise ValueError("x: contains NaN or Inf (after conversion to float32); cannot quantize")
 
 
@@ -389,12 +390,11 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
     it would break the graph: the constants were checked when they were made).
     Tests check both equal `dequantize_4bit_reference` bit for bit.
     """
+    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
     if torch.compiler.is_compiling():  # the reference's formula, in blocks (see kernels.scale_blocks)
-        shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
         values = code_on(quant_type, packed.device)[unpack_4bit(packed, math.prod(shape)).long()]
         return scale_blocks(values, absmax.reshape(-1), blocksize).to(dtype).reshape(shape)
-    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
-    finite = torch.isfinite(absmax).all()  # e.g. a corrupted checkpoint: never decode into NaN weights
+    finite = all_finite(absmax)  # e.g. a corrupted checkpoint: never decode into NaN weights
     if absmax.device.type != "cpu":
         torch._assert_async(finite, "absmax: contains NaN or Inf")  # checked on the device: no sync per call
     elif not bool(finite):

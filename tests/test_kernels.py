@@ -7,6 +7,7 @@ Also the error paths of issue 13 that run through these functions, and Linear4bi
 """
 
 import threading
+import time
 
 import pytest
 import torch
@@ -70,33 +71,106 @@ def test_fast_equals_reference_on_small_and_odd_shapes(shape, in_dtype):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_same_bytes_at_any_thread_count_and_the_count_is_restored(threads):
-    x = heavy_tailed(7 * CHUNK_ELEMENTS + 64 * 5 + 3, seed=threads).to(torch.bfloat16)
+    # 4 steps plus a partial block and an odd length: at 2 threads both kernels hand steps to a worker
+    # thread too (run_steps), and must still give the reference's bytes.
+    x = heavy_tailed(4 * CHUNK_ELEMENTS + 64 * 5 + 3, seed=threads).to(torch.bfloat16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         check_both_kernels(x, 64, "nf4")
+        check_both_kernels(x[: 3 * CHUNK_ELEMENTS + 1], 256, "fp4")
         assert torch.get_num_threads() == threads  # the kernels' one-thread setting is undone
     finally:
         torch.set_num_threads(before)
 
 
-def test_run_steps_covers_every_step_once_and_restores_threads_on_error():
-    seen = []
-    kernels.run_steps(10 * 4 + 3, 4, torch.device("cpu"), lambda a, b: seen.append((a, b)))
-    assert seen == [(s, min(s + 4, 43)) for s in range(0, 43, 4)]
+def record_steps(total: int, step: int, threads: int) -> tuple[list, set]:
+    """The (start, stop) pairs run_steps hands out at `threads`, and the ATen thread counts they ran with."""
+    seen, counts, lock = [], set(), threading.Lock()
 
-    def fails(start, stop):
-        assert torch.get_num_threads() == 1  # every op of a step runs on the calling thread
-        raise RuntimeError(f"step {start}")
+    def work(start, stop):
+        with lock:
+            seen.append((start, stop))
+            counts.add(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernels.run_steps(total, step, torch.device("cpu"), work)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    return seen, counts
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_run_steps_covers_every_step_once_on_one_aten_thread(threads):
+    seen, counts = record_steps(10 * 4 + 3, 4, threads)
+    assert sorted(seen) == [(s, min(s + 4, 43)) for s in range(0, 43, 4)]  # each step once, none missing
+    assert counts == {1}  # no step opens an ATen parallel region, on the caller or on a worker
+    if threads == 1:
+        assert seen == sorted(seen)  # one thread: in order, on the caller
+
+
+def test_run_steps_uses_the_workers_only_with_two_steps_per_thread():
+    where = []
+    def work(start, stop):
+        where.append(threading.current_thread().name.startswith("minilora-kernels"))
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with pytest.raises(RuntimeError, match="step 0"):
+        kernels.run_steps(3 * 8, 8, torch.device("cpu"), work)  # 3 steps < 2 per thread: the caller alone
+        assert where == [False] * 3
+        where.clear()
+        for _ in range(20):  # a worker takes part as soon as it is scheduled (on a loaded machine, late)
+            kernels.run_steps(64 * 8, 8, torch.device("cpu"), lambda a, b: (work(a, b), time.sleep(1e-3)))
+            if any(where):
+                break
+        assert any(where) and not all(where)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_run_steps_raises_a_step_error_and_restores_threads(threads):
+    def fails(start, stop):
+        assert torch.get_num_threads() == 1  # every op of a step runs on one ATen thread
+        raise RuntimeError(f"step {start}")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.raises(RuntimeError, match=r"step \d+"):
             kernels.run_steps(64, 8, torch.device("cpu"), fails)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_steps_raises_an_error_from_a_worker_after_all_threads_stopped():
+    def fails_on_a_worker(start, stop):
+        time.sleep(1e-3)  # slow steps: the worker starts long before the caller could finish them all
+        if threading.current_thread().name.startswith("minilora-kernels"):
+            raise RuntimeError(f"worker step {start}")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match=r"worker step \d+"):
+            kernels.run_steps(64 * 8, 8, torch.device("cpu"), fails_on_a_worker)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_all_finite_answers_right():
+    assert bool(kernels.all_finite(torch.ones(100_000)))
+    x = torch.ones(100_000)
+    x[77_777] = float("inf")
+    assert not bool(kernels.all_finite(x))
+    x[77_777] = float("nan")
+    assert not bool(kernels.all_finite(x))
 
 
 def test_dequantize_into_a_given_buffer():
