@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
+from minilora import native  # noqa: E402
 from minilora.machine import describe_line  # noqa: E402
 from minilora.nf4 import dequantize_4bit, quantize_4bit  # noqa: E402
 
@@ -97,11 +98,13 @@ def bench_shape(shape, threads: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], decode_path: str) -> str:
     lines = [
         f"# bench_quant: NF4, blocksize {BLOCKSIZE}, bf16 weights, median of alternating timed runs",
         "",
         f"{describe_line()} (at the end; each row's load average, taken as it ran, is in the last column)",
+        "",
+        f"minilora's decode: {decode_path}",
         "",
         "| shape | threads | op | minilora (ms) | bitsandbytes (ms) | ratio | goal | bf16 copy (ms) | vs copy "
         "| bit-exact | load |",
@@ -137,11 +140,16 @@ def main(argv=None) -> int:
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     thread_counts = [int(t) for t in args.threads.split(",")]
 
+    start = time.perf_counter()   # compile (first run on a machine) or load the optional compiled decode
+    compiled = native.decoder() is not None
+    decode_path = (f"minilora.native's compiled AVX2 loop (compiling or loading it took "
+                   f"{time.perf_counter() - start:.1f} s, before and outside the timings)" if compiled
+                   else "eager PyTorch (minilora.native is not compiled here)")
     rows = []
     for shape in shapes:
         for threads in thread_counts:
             rows += bench_shape(shape, threads, repeats)
-    table = markdown(rows)
+    table = markdown(rows, decode_path)
     print(table)
     write_atomically(args.out, table)
     print(f"written to {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")

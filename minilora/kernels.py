@@ -175,14 +175,20 @@ def scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> 
 
 
 
-def decode_full_blocks(flat_bytes, flat_absmax, full: int, blocksize: int, pair_table, out) -> None:
+def decode_full_blocks(flat_bytes, flat_absmax, full: int, blocksize: int, pair_table, out,
+                       fused=None) -> None:
     """Decode the first `full` values (a multiple of blocksize) into `out[:full]`.
 
     pair_table: (256,) int64, entry b = the float32 levels of b's high and low nibble side by side (so one
     gather moves both; see nf4.byte_pair_table). flat_absmax: float32, one per block. out: 1-D, any float
-    dtype; the float32 product is rounded once into it.
+    dtype; the float32 product is rounded once into it. fused: None, or a function (bytes, absmax, out) that
+    decodes whole blocks in one compiled loop (minilora.native, handed in by nf4), used for every step.
     """
     def work(start: int, stop: int) -> None:
+        if fused is not None:
+            fused(flat_bytes[start // 2: stop // 2], flat_absmax[start // blocksize: stop // blocksize],
+                  out[start:stop])
+            return
         index = flat_bytes[start // 2: stop // 2].int()  # uint8 -> int32 (index_select takes int32 or int64)
         levels = pair_table.index_select(0, index).view(torch.float32).view(-1, blocksize)
         levels.mul_(flat_absmax[start // blocksize: stop // blocksize].unsqueeze(1))  # float32, in place

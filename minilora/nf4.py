@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from minilora import native
 from minilora.kernels import (
     CHUNK_ELEMENTS,  # noqa: F401  (re-exported: tests size their inputs by it)
     all_finite,
@@ -385,9 +386,10 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
     (optional): a contiguous tensor of `dtype` with n elements to decode into, instead of a new tensor.
 
     Eager: `kernels.decode_full_blocks` (one gather per byte through `byte_pair_table`, cache-sized steps,
-    cached tables). Under torch.compile: the reference formula, which the compiler fuses into one loop
-    (written with `kernels.scale_blocks`, which inductor compiles correctly; the NaN check is skipped there,
-    it would break the graph: the constants were checked when they were made).
+    cached tables; each step in minilora.native's compiled AVX2 loop where there is one). Under
+    torch.compile: the reference formula, which the compiler fuses into one loop (written with
+    `kernels.scale_blocks`, which inductor compiles correctly; the NaN check is skipped there, it would
+    break the graph: the constants were checked when they were made).
     Tests check both equal `dequantize_4bit_reference` bit for bit.
     """
     shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
@@ -408,7 +410,8 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
     table = tables(quant_type, packed.device)  # decode where the bytes are
     flat_bytes, flat_absmax, flat_out = packed.reshape(-1), absmax.reshape(-1), out.view(-1)
     full = n - n % blocksize
-    decode_full_blocks(flat_bytes, flat_absmax, full, blocksize, table.pair_table, flat_out)
+    fused = native.fused_decode(table.code, blocksize, flat_out) if flat_bytes.is_contiguous() else None
+    decode_full_blocks(flat_bytes, flat_absmax, full, blocksize, table.pair_table, flat_out, fused)
     if full < n:  # a last partial block
         levels = table.pair_table.index_select(0, flat_bytes[full // 2:].long()).view(torch.float32)
         flat_out[full:] = levels[: n - full] * flat_absmax[-1]

@@ -15,6 +15,7 @@ from bitwise import bits
 from torch import nn
 
 import minilora.kernels as kernels
+import minilora.native as native
 import minilora.nf4 as nf4
 from minilora.double_quant import QuantizedWeight, double_dequantize, double_quantize, dynamic_map
 from minilora.nf4 import (
@@ -43,6 +44,16 @@ def heavy_tailed(n: int, seed: int) -> torch.Tensor:
     return x
 
 
+@pytest.fixture(params=["native", "eager"])
+def decode_path(request, monkeypatch):
+    """Run a test on both decode paths: minilora.native's compiled loop, and eager PyTorch without it."""
+    if request.param == "eager":
+        monkeypatch.setattr(native, "_MODULE", [None])
+    elif native.decoder() is None:
+        pytest.skip("no compiled decode on this machine (it needs AVX2 and F16C, a C++ compiler and ninja)")
+    return request.param
+
+
 def check_both_kernels(x, blocksize, quant_type):
     packed, absmax = quantize_4bit(x, blocksize, quant_type)
     ref_packed, ref_absmax = quantize_4bit_reference(x, blocksize, quant_type)
@@ -55,7 +66,7 @@ def check_both_kernels(x, blocksize, quant_type):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
-def test_fast_equals_reference_at_every_blocksize(blocksize, quant_type):
+def test_fast_equals_reference_at_every_blocksize(blocksize, quant_type, decode_path):
     # Two full steps plus a partial block and an odd length: every branch of both kernels.
     n = 2 * max(CHUNK_ELEMENTS, blocksize) + blocksize // 2 + 1
     check_both_kernels(heavy_tailed(n, seed=blocksize), blocksize, quant_type)
@@ -63,14 +74,14 @@ def test_fast_equals_reference_at_every_blocksize(blocksize, quant_type):
 
 @pytest.mark.parametrize("shape", [(1,), (3,), (63,), (65,), (7, 9), (33, 64), (5, 3, 129)])
 @pytest.mark.parametrize("in_dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_fast_equals_reference_on_small_and_odd_shapes(shape, in_dtype):
+def test_fast_equals_reference_on_small_and_odd_shapes(shape, in_dtype, decode_path):
     x = heavy_tailed(torch.Size(shape).numel(), seed=len(shape)).reshape(shape).to(in_dtype)
     check_both_kernels(x, 64, "nf4")
     check_both_kernels(x, 32, "fp4")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_same_bytes_at_any_thread_count_and_the_count_is_restored(threads):
+def test_same_bytes_at_any_thread_count_and_the_count_is_restored(threads, decode_path):
     # 4 steps plus a partial block and an odd length: at 2 threads both kernels hand steps to a worker
     # thread too (run_steps), and must still give the reference's bytes.
     x = heavy_tailed(4 * CHUNK_ELEMENTS + 64 * 5 + 3, seed=threads).to(torch.bfloat16)
@@ -82,6 +93,21 @@ def test_same_bytes_at_any_thread_count_and_the_count_is_restored(threads):
         assert torch.get_num_threads() == threads  # the kernels' one-thread setting is undone
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_compiled_decode_is_used_where_it_exists_and_can_be_turned_off(monkeypatch):
+    if native.decoder() is None:
+        pytest.skip("no compiled decode on this machine (it needs AVX2 and F16C, a C++ compiler and ninja)")
+    handed = []
+    real = nf4.decode_full_blocks
+    monkeypatch.setattr(nf4, "decode_full_blocks", lambda *args: handed.append(args[-1]) or real(*args))
+    packed, absmax = quantize_4bit(heavy_tailed(4096, seed=1))
+    for dtype in FLOATS:
+        dequantize_4bit(packed, absmax, (4096,), dtype=dtype)
+    dequantize_4bit(packed, absmax, (4096,), dtype=torch.float64)   # a dtype the compiled loop does not write
+    assert [fused is not None for fused in handed] == [True, True, True, False]
+    monkeypatch.setenv("MINILORA_NATIVE", "0")
+    assert native._build() is None
 
 
 def record_steps(total: int, step: int, threads: int) -> tuple[list, set]:
@@ -173,7 +199,7 @@ def test_all_finite_answers_right():
     assert not bool(kernels.all_finite(x))
 
 
-def test_dequantize_into_a_given_buffer():
+def test_dequantize_into_a_given_buffer(decode_path):
     x = heavy_tailed(1000, seed=3)
     packed, absmax = quantize_4bit(x)
     out = torch.full((1000,), float("nan"), dtype=torch.bfloat16)
