@@ -51,6 +51,8 @@ def decode_path(request, monkeypatch):
         monkeypatch.setattr(native, "_MODULE", [None])
     elif native.decoder() is None:
         pytest.skip("no compiled decode on this machine (it needs AVX2 and F16C, a C++ compiler and ninja)")
+    else:   # the eager path's step size, so that the tests' inputs span several steps on this path too
+        monkeypatch.setattr(kernels, "FUSED_STEP_ELEMENTS", CHUNK_ELEMENTS)
     return request.param
 
 
