@@ -15,7 +15,8 @@ The package is a house with floors; each module imports only from the floors bel
               measure     bytes measured on a real model: saved activations, held state    (chapter 7)
               page_pool   which page leaves a full pool (LRU), paging counters            (chapter 5)
               loop        the one training step, sampler, evaluator and data class         (chapter 6)
-    floor 2   lora        the LoRA bypass h = W0 x + (α/r) B A x, LoraConfig, add_lora      (chapter 1)
+              lora_config LoraConfig: which layers, which rank, what else trains (peft's options)
+    floor 2   lora        the LoRA bypass h = W0 x + (α/r) B A x, several adapters, add_lora (chapter 1)
               svd_adapter AdaLoRA's layer P Λ Q, its config, the orthogonality penalty     (chapter 2)
               paged       a paged AdamW: optimizer state in pages, write-back, prefetch     (chapter 5)
               double_quant   quantizing the quantization constants                       (chapter 4)
@@ -25,11 +26,12 @@ The package is a house with floors; each module imports only from the floors bel
     floor 3   adalora     importance scores, the budget schedule, RankAllocator            (chapter 2)
               family      LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+                        (chapter 1)
               switching   several adapters on one model: set, disable, delete, combine     (chapter 1)
+              adalora_files  AdaLoRA adapters in peft's files                              (chapter 2)
               memory      the memory model of a fine-tuning run                             (chapter 7)
               qlora       Linear4bit (NF4 storage, bf16 compute), quantize_model           (chapter 6)
               instructions  JSONL instruction data → token tensors
               distributed the loop under torchrun: DDP, FSDP over the adapter only           (chapter 7)
-    floor 4   adapters    adapter files in peft's format: every LoRA option, DoRA, AdaLoRA
+    floor 4   adapters    adapter files in peft's format: every LoRA option, DoRA; AdaLoRA's dispatched
               build       the pieces of a run from its options: model, method, data, optimizer, schedule
               plots       the charts the chapters share
               experiments the chapters' experiments: data types (ch. 6), forgetting (ch. 9)

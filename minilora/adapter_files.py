@@ -49,6 +49,21 @@ LORA_MUST_BE_EMPTY = ("target_parameters", "layer_replication", "trainable_token
                       "use_bdlora", "alora_invocation_tokens", "arrow_config", "kasa_config",
                       "monteclora_config", "velora_config")
 
+def shared_config_json(config) -> dict:
+    """The adapter_config.json entries every adapter type writes alike, from a LoraConfig or AdaLoraConfig;
+    with every setting minilora does not implement at its plain value, so peft reads the file as we mean it."""
+    targets = config.target_modules
+    return {
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
+        **LORA_PLAIN_SETTINGS,
+    }
+
+
 def check_plain(config_json: dict, config_file: Path, required: tuple, kind: str, own: tuple = ()) -> None:
     """The required fields are there, and every setting that would change the forward pass is plain
     (`own`: settings the adapter type reads itself)."""

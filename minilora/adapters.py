@@ -23,12 +23,9 @@ layers_to_transform, exclude_modules, the trained biases (`bias`, a base layer's
 One adapter type per peft_type. Each type supplies three small functions: its tensors and config as they go
 into the files (`lora_state`), the settings read back from the JSON (`lora_config_from_json`), and the loader
 (`load_lora_state`). `save_adapter` and `load_adapter` only dispatch on the config class / "peft_type" and
-handle the files; AdaLoRA (Chapter 2) adds its own three functions and one branch in each.
+handle the files; AdaLoRA (Chapter 2) has its own three functions and one branch in each.
 
-AdaLoRA files (peft_type "ADALORA") differ in three ways: the keys have no ".weight"
-(`...q_proj.lora_A`, `.lora_E`, `.lora_B`), only the surviving triplets are stored (a module pruned to rank 0
-stores empty tensors), and adapter_config.json carries `rank_pattern`, {"<module path>.lora_E": [kept?] *
-init_r}, so the loader knows which of the init_r triplets each stored row is.
+AdaLoRA's three functions and its file differences are minilora.adalora_files (chapter 2).
 """
 
 from __future__ import annotations
@@ -42,9 +39,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from minilora.adalora_files import adalora_state, load_adalora_state
 from minilora.adapter_files import (  # the folder layout and the strict checks every adapter type shares
     CONFIG_NAME,
-    LORA_PLAIN_SETTINGS,
     PREFIX,
     WEIGHTS_NAME,
     check_config_matches,
@@ -52,12 +49,14 @@ from minilora.adapter_files import (  # the folder layout and the strict checks 
     check_tensors,
     read_adapter_config,
     read_adapter_tensors,
+    shared_config_json,
 )
 from minilora.family import add_dora
 from minilora.files import write_atomically
 from minilora.lora import (
     LoraConfig,
     ModulesToSave,
+    adapter_names,
     add_lora,
     find_target_modules,
     lora_layers,
@@ -65,7 +64,8 @@ from minilora.lora import (
     rslora_scaling,
     selected_modules,
 )
-from minilora.svd_adapter import AdaLoraConfig, add_adalora, svd_layers
+from minilora.svd_adapter import AdaLoraConfig
+from minilora.switching import active_adapter
 
 # ----------------------------------------------------------------------------------------------------
 # Public entry points
@@ -182,7 +182,7 @@ def lora_tensor(model: nn.Module, key: str, adapter_name: str) -> torch.Tensor:
 def lora_state(model: nn.Module, config: LoraConfig, adapter_name: str | None) -> tuple[dict, dict]:
     """(tensors with peft's key names, config dict for adapter_config.json) of one LoRA adapter of `model`."""
     everything = lora_layers(model)
-    adapter_name = adapter_name or active_adapter_name(everything)
+    adapter_name = adapter_name or active_adapter(model) or "default"
     layers = {name: layer for name, layer in everything.items() if adapter_name in layer.adapter_names()}
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layers with adapter "
@@ -192,26 +192,14 @@ def lora_state(model: nn.Module, config: LoraConfig, adapter_name: str | None) -
         check_layer_fits(name, layer.adapter(adapter_name), config, layer.USES_DORA)
     tensors = {key: lora_tensor(model, key, adapter_name).detach().to("cpu").contiguous()
                for key in lora_layout(model, config)}
-    targets = config.target_modules
     config_json = {
         "peft_type": "LORA",
         "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets),
         "init_lora_weights": True if config.init == "kaiming" else "gaussian",
-        "inference_mode": True,
-        "base_model_name_or_path": None,
-        "revision": None,
-        **LORA_PLAIN_SETTINGS,
-        **{key: getattr(config, key) for key in LORA_OPTIONS},
+        **shared_config_json(config),
+        **{key: getattr(config, key) for key in LORA_OPTIONS},   # the options minilora implements
     }
     return tensors, config_json
-
-
-def active_adapter_name(layers: dict) -> str:
-    names = {layer.adapter_name for layer in layers.values() if not layer.disabled}
-    return names.pop() if len(names) == 1 else "default"
 
 
 def check_layer_fits(name: str, adapter, config: LoraConfig, uses_dora: bool, what: str = "save_adapter") -> None:
@@ -247,9 +235,8 @@ def load_lora_state(model: nn.Module, config_json: dict, tensors: dict[str, torc
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     config = lora_config_from_json(config_json, config_file)
     layers = lora_layers(model)
-    names = sorted({name for layer in layers.values() for name in layer.adapter_names()})
-    new = adapter_name not in names if adapter_name is not None else not layers
-    adapter_name = adapter_name or active_adapter_name(layers)
+    new = adapter_name not in adapter_names(model) if adapter_name is not None else not layers
+    adapter_name = adapter_name or active_adapter(model) or "default"
     if not new and any(layer.merged for layer in layers.values()):
         raise ValueError("load_adapter: the model's layers are merged; unmerge() them before loading weights")
     try:
@@ -276,134 +263,3 @@ def load_lora_state(model: nn.Module, config_json: dict, tensors: dict[str, torc
         for key, tensor in tensors.items():
             lora_tensor(model, key, adapter_name).copy_(tensor)
     return model
-
-
-# ----------------------------------------------------------------------------------------------------
-# AdaLoRA: what goes into the files, and back
-# ----------------------------------------------------------------------------------------------------
-
-ADALORA_SCHEDULE_FIELDS = ("target_r", "tinit", "tfinal", "deltaT", "total_step", "beta1", "beta2",
-                           "orth_reg_weight")
-
-
-def adalora_state(model: nn.Module, config: AdaLoraConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors of the surviving triplets, config dict with rank_pattern) of every SVDLinear in `model`.
-
-    A layer's survivors are those its `rank_mask` keeps (the allocator's latest verdict, as peft saves its
-    config.rank_pattern). A layer already shrunk by `keep_triplets` has r < init_r; its pattern marks its
-    r rows kept and pads with dropped ones (which of the init_r slots they sit in does not change ΔW).
-    """
-    layers = svd_layers(model)
-    if not layers:
-        raise ValueError(f"save_adapter: {type(model).__name__} has no SVDLinear layers "
-                         f"(call add_adalora first)")
-    check_config_matches(model, selected_modules(model, config.target_modules), layers, "AdaLoRA")
-    tensors, rank_pattern = {}, {}
-    for name, layer in layers.items():
-        if layer.ranknum.item() != config.init_r or layer.lora_alpha != config.lora_alpha:
-            raise ValueError(f"save_adapter: layer {name!r} has init_r={layer.ranknum.item():g}, "
-                             f"lora_alpha={layer.lora_alpha}, but config says init_r={config.init_r}, "
-                             f"lora_alpha={config.lora_alpha}")
-        keep = layer.rank_mask
-        tensors[f"{PREFIX}{name}.lora_A"] = layer.lora_A.detach()[keep].to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_E"] = layer.lora_E.detach()[keep].to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_B"] = layer.lora_B.detach()[:, keep].to("cpu").contiguous()
-        rank_pattern[f"{name}.lora_E"] = keep.tolist() + [False] * (config.init_r - layer.r)
-    targets = config.target_modules
-    config_json = {
-        "peft_type": "ADALORA",
-        "init_r": config.init_r,
-        **{key: getattr(config, key) for key in ADALORA_SCHEDULE_FIELDS},
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets),
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "base_model_name_or_path": None,
-        "revision": None,
-        **LORA_PLAIN_SETTINGS,
-        "rank_pattern": rank_pattern,
-    }
-    return tensors, config_json
-
-
-def adalora_config_from_json(config_json: dict, config_file: Path) -> tuple[AdaLoraConfig, dict | None]:
-    """(AdaLoraConfig, rank_pattern or None) from adapter_config.json; refuses what we do not implement."""
-    check_plain(config_json, config_file, ("init_r", "lora_alpha", "target_modules", "total_step"), "AdaLoRA",
-                own=("rank_pattern",))   # AdaLoRA's own rank_pattern is read below
-    targets = config_json["target_modules"]
-    schedule = {key: config_json[key] for key in ADALORA_SCHEDULE_FIELDS if key in config_json}
-    try:
-        config = AdaLoraConfig(init_r=config_json["init_r"], lora_alpha=config_json["lora_alpha"],
-                               lora_dropout=config_json.get("lora_dropout", 0.0),
-                               target_modules=targets if isinstance(targets, str) else tuple(targets),
-                               **schedule)
-    except ValueError as err:
-        raise ValueError(f"{config_file}: {err}") from err
-    return config, config_json.get("rank_pattern") or None
-
-
-def load_adalora_state(model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor],
-                       folder: Path) -> nn.Module:
-    """Check the rank pattern, every key and shape first; then add SVDLinear layers if needed, drop the
-    triplets the pattern drops (`SVDLinear.keep_triplets`, ranknum stays init_r) and copy the survivors."""
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    config, rank_pattern = adalora_config_from_json(config_json, config_file)
-    if lora_layers(model) and not svd_layers(model):
-        raise ValueError(f"{config_file}: an ADALORA adapter cannot load into a model with LoRA layers")
-    layers = svd_layers(model)
-    if layers:   # already adapted: same modules, full rank init_r, not merged
-        for name, layer in layers.items():
-            if layer.merged or layer.r != config.init_r or layer.ranknum.item() != config.init_r:
-                raise ValueError(f"load_adapter: layer {name!r} (r={layer.r}, merged={layer.merged}) "
-                                 f"does not fit {config_file} (init_r={config.init_r}); load into an unmerged"
-                                 f" model fresh from add_adalora, or into the plain base model")
-        names = list(layers)
-    else:
-        try:
-            names = find_target_modules(model, config.target_modules)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
-                            f"{type(model).__name__}: {err}") from err
-
-    keep = {name: [True] * config.init_r for name in names}
-    if rank_pattern is not None:
-        pattern_keys = {f"{name}.lora_E": name for name in names}
-        if set(rank_pattern) != set(pattern_keys):
-            odd = sorted(set(rank_pattern) ^ set(pattern_keys))
-            raise ValueError(f"{config_file}: rank_pattern must have one entry '<module>.lora_E' per adapted "
-                             f"module; these differ: {odd[:3]}")
-        for key, name in pattern_keys.items():
-            pattern = rank_pattern[key]
-            if (not isinstance(pattern, list) or len(pattern) != config.init_r
-                    or not all(isinstance(kept, bool) for kept in pattern)):
-                raise ValueError(f"{config_file}: rank_pattern[{key!r}] must be a list of {config.init_r} "
-                                 f"booleans, got {pattern!r}")
-            keep[name] = pattern
-
-    shapes = {}
-    for name in names:
-        module = model.get_submodule(name)
-        r = sum(keep[name])
-        shapes[f"{PREFIX}{name}.lora_A"] = (r, module.in_features)
-        shapes[f"{PREFIX}{name}.lora_E"] = (r, 1)
-        shapes[f"{PREFIX}{name}.lora_B"] = (module.out_features, r)
-    check_tensors(tensors, shapes, weights_file)
-
-    if not layers:
-        _add_layers(add_adalora, model, config, config_file)
-        layers = svd_layers(model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.keep_triplets(torch.tensor(keep[name]))
-            for kind in ("lora_A", "lora_E", "lora_B"):
-                getattr(layer, kind).copy_(tensors[f"{PREFIX}{name}.{kind}"])
-    return model
-
-
-def _add_layers(add, model: nn.Module, config, config_file: Path) -> None:
-    try:   # add_lora / add_adalora check every layer before changing any: a failure leaves the model as it was
-        add(model, config)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
-                        f"{type(model).__name__}: {err}") from err

@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch import nn
 
-from minilora.checks import check_int, check_number
+from minilora.checks import check_bypass_options  # noqa: F401  (exported: the layers' shared check)
 from minilora.targets import (  # peft's rules for which modules, by name
     ALL_LINEAR,
     check_target_modules,
@@ -55,13 +55,6 @@ def is_linear_like(module: nn.Module) -> bool:
         and hasattr(module, "bias")
         and callable(getattr(module, "dequantized_weight", None))
     )
-
-
-def check_bypass_options(r, lora_alpha, lora_dropout) -> None:
-    """Raise ValueError naming the argument and value for a rank, α or dropout no bypass can use."""
-    check_int("r", r, 1, why=" (the rank of the update)")
-    check_number("lora_alpha", lora_alpha, 0, low_open=True, why=" (it scales the bypass)")
-    check_number("lora_dropout", lora_dropout, 0, 1, high_open=True, why=" (a probability)")
 
 
 def check_base(base: nn.Module) -> None:

@@ -56,3 +56,11 @@ def check_choice(name: str, value, allowed) -> None:
 def _shown(name: str, value) -> str:
     # "got r=0" for an argument, "got 0" for a command-line flag (the flag is already named).
     return repr(value) if name.startswith("-") else f"{name}={value!r}"
+
+
+def check_bypass_options(r, lora_alpha, lora_dropout) -> None:
+    """Raise ValueError naming the argument and value for a rank, α or dropout no low-rank bypass (LoRA,
+    AdaLoRA) can use."""
+    check_int("r", r, 1, why=" (the rank of the update)")
+    check_number("lora_alpha", lora_alpha, 0, low_open=True, why=" (it scales the bypass)")
+    check_number("lora_dropout", lora_dropout, 0, 1, high_open=True, why=" (a probability)")

@@ -35,6 +35,7 @@ from minilora.lora import (
     LoraConfig,
     LowRankLinear,
     ModulesToSave,
+    adapter_names,  # exported from here too: the names every function below checks against
     add_lora,
     lora_layers,
     mark_only_lora_trainable,
@@ -42,11 +43,6 @@ from minilora.lora import (
 )
 
 COMBINATIONS = ("cat", "linear", "svd")
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """Every adapter name the model's LoRA layers hold, sorted."""
-    return sorted({name for layer in lora_layers(model).values() for name in layer.adapter_names()})
 
 
 def active_adapter(model: nn.Module) -> str | None:

@@ -24,6 +24,7 @@ FLOORS = {
     "measure": 1,  # bytes a real model saves for backward and holds while training
     "page_pool": 1,  # the paged optimizer's pool bookkeeping (LRU) and counters
     "loop": 1,  # the one training step, sampler, evaluator and data class
+    "lora_config": 1,  # LoraConfig: peft's options and their checks (on checks and targets)
     "lora": 2,
     "svd_adapter": 2,  # AdaLoRA's layer, config and penalty (the allocator is adalora's)
     "paged": 2, "double_quant": 2,
@@ -31,6 +32,7 @@ FLOORS = {
     "data": 2,  # the running example (its finetune is a loop of loop.train_step)
     "options": 2,  # every option of a run
     "adalora": 3, "qlora": 3,
+    "adalora_files": 3,  # AdaLoRA adapters in peft's files (adapters dispatches to it)
     "family": 3,  # LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+ (on lora)
     "switching": 3,  # several adapters on one model: set, disable, delete, combine
     "instructions": 3,
