@@ -7,6 +7,7 @@ The package is a house with floors; each module imports only from the floors bel
               checks      the shared checks of public arguments (an integer, a number in a range, a choice)
               kernels     the fast 4-bit encode/decode beside nf4's references; cached tables (chapter 3)
               native      the optional compiled AVX2 decode (C++ compiled on first use), bit-exact (chapter 6)
+              frozen_linear  a frozen base's matmul; its input gradient in the layout fast here (chapter 6)
               targets     peft's rules for which modules get an adapter, and with which rank (chapter 1)
               adapter_files  peft's adapter folder: file names, plain settings, strict reading
     floor 1   bypass      what LoRA and AdaLoRA layers share, target matching, merging     (chapter 1)

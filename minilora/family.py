@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from minilora.bypass import check_finite
+from minilora.frozen_linear import frozen_linear
 from minilora.lora import LoraConfig, LoRALinear, add_lora, lora_layers, rslora_scaling
 
 __all__ = ["DoRALinear", "add_dora", "apply_rslora", "dora_layers", "loraplus_param_groups", "pissa_init_",
@@ -97,7 +98,7 @@ class DoRALinear(LoRALinear):
         return torch.linalg.vector_norm(self.base_weight() + super().delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)            # W0 x + b
+        result = frozen_linear(self.base, x)  # W0 x + b
         if self.merged or self.disabled:
             return result
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)

@@ -50,8 +50,9 @@ import torch
 
 CHUNK_ELEMENTS = 1 << 18  # values per step on a CPU, encode and decode (point 2): the fastest measured
 # The compiled decode (minilora.native) keeps no temporaries, so only the hand-off per step counts: larger
-# steps. Measured on 4096 x 4096 -> bf16 at 2 threads, medians of 11: 30.2 ms in steps of 2^18 values,
-# 25.2 ms in steps of 2^20, 27.2 ms at 2^21 (a bf16 copy: 21 ms).
+# steps. Measured on 4096 x 4096 -> bf16 into a buffer at 2 threads, medians of 15, steps of 2^18 / 2^19 /
+# 2^20 / 2^21 / 2^22 values: 4.7 / 4.1 / 3.7 / 3.7 / 4.0 ms (a bf16 copy_: 3.9 ms); beside a busy process
+# 7.3 / 6.6 / 5.8 / 4.4 / 4.5 ms (one run each: the busy figures move by a millisecond or more).
 FUSED_STEP_ELEMENTS = 1 << 20
 
 _CACHE: dict = {}
@@ -102,9 +103,16 @@ def one_intra_op_thread():
 
 
 def all_finite(x: torch.Tensor) -> torch.Tensor:
-    """torch.isfinite(x).all(), with no parallel region (point 3: a check is a kernel too)."""
+    """torch.isfinite(x).all(), with no parallel region (point 3: a check is a kernel too), in one pass.
+
+    x holds a NaN or an Inf exactly when its smallest or its largest value is one (min and max propagate NaN,
+    and +-Inf is an extreme), so one `aminmax` pass suffices: 0.06 ms on the 262,144 absmax of a 4096 x 4096
+    weight, where isfinite(x).all() makes four passes and an 8-bit temporary, 0.8 ms (one thread, AVX2).
+    """
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
     with one_intra_op_thread():
-        return torch.isfinite(x).all()
+        return torch.isfinite(torch.stack(torch.aminmax(x))).all()
 
 
 def workers(count: int) -> ThreadPoolExecutor:

@@ -48,6 +48,7 @@ from minilora.bypass import (  # shared with AdaLoRA; exported from here too, as
     wrap_modules,
 )
 from minilora.checks import check_choice
+from minilora.frozen_linear import frozen_linear
 from minilora.lora_config import BIAS_OPTIONS, INITS, LoraConfig, check_hyperparameters  # exported from here too
 from minilora.targets import modules_to_save_names
 
@@ -129,7 +130,7 @@ class LoRALinear(LowRankLinear):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
+        result = frozen_linear(self.base, x)  # = self.base(x); see minilora/frozen_linear.py
         if self.merged or self.disabled:  # ΔW already sits inside the base weight, or the bypass is off
             return result
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.double_quant import QuantizedWeight
+from minilora.frozen_linear import input_gradient
 from minilora.lora import replace_module
 from minilora.nf4 import check_input, check_quant_options
 
@@ -71,28 +72,10 @@ class MatMul4bit(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             weight = ctx.qweight.dequantize(grad_output.dtype)  # decoded a second time
-            grad_x = _input_gradient(grad_output, weight)
+            grad_x = input_gradient(grad_output, weight)  # minilora.frozen_linear
         if ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         return grad_x, None, grad_bias
-
-
-def _input_gradient(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """∂L/∂x = ∂L/∂y · Ŵ, (..., out) @ (out, in) -> (..., in): the same product in the layout that is right here.
-
-    The plain `grad_output @ weight` is the default: on GPUs, in float32, on CPUs with native bf16 matmuls
-    (AVX512-BF16, AMX: 300 us against 566 us for the transposed copy at 512 x 512, issue 12) and always
-    under torch.compile, where the transposed copy gave all-NaN input gradients (inductor, CPU). A CPU
-    without native bf16/fp16 matmuls is the exception: there the plain layout falls to a slow generic
-    kernel and `F.linear` on a contiguous transposed copy is 6-11x faster (AVX2, 1 thread, 512 tokens:
-    512 x 512 208 vs 34 ms, 1408 x 512 906 vs 78 ms; the copy itself is under 1.2 ms).
-    """
-    slow_plain_layout = (weight.device.type == "cpu" and weight.dtype != torch.float32
-                         and not torch.compiler.is_compiling()
-                         and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
-    if slow_plain_layout:
-        return F.linear(grad_output, weight.t().contiguous())
-    return grad_output @ weight
 
 
 # ----------------------------------------------------------------------------------------------------

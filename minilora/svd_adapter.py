@@ -23,6 +23,7 @@ from minilora.bypass import (
     wrap_modules,
 )
 from minilora.checks import check_int, check_number
+from minilora.frozen_linear import frozen_linear
 
 INIT_STD = 0.02  # A and B start as N(0, 0.02²) noise, E at zero (peft's and the paper's code)
 
@@ -71,7 +72,7 @@ class SVDLinear(LowRankLinear):
             nn.init.normal_(self.lora_B, mean=0.0, std=INIT_STD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
+        result = frozen_linear(self.base, x)
         if self.merged or self.disabled:  # ΔW already sits inside the base weight, or the bypass is off
             return result
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)

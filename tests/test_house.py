@@ -16,6 +16,7 @@ FLOORS = {
     "checks": 0,  # the shared checks of public arguments
     "kernels": 0,  # the fast encode/decode kernels: tables are handed in, nothing of ours imported
     "native": 0,  # the optional compiled AVX2 decode (C++ compiled on first use), beside the eager one
+    "frozen_linear": 0,  # a frozen base's matmul, with the input gradient in the layout that is fast here
     "targets": 0,  # peft's rules for which modules get an adapter, by name only
     "adapter_files": 0,  # peft's adapter folder: names, plain settings, strict reading
     "bypass": 1,  # what LoRA and AdaLoRA layers share; which layers get one; merging

@@ -18,6 +18,7 @@ import minilora.kernels as kernels
 import minilora.native as native
 import minilora.nf4 as nf4
 from minilora.double_quant import QuantizedWeight, double_dequantize, double_quantize, dynamic_map
+from minilora.frozen_linear import input_gradient
 from minilora.nf4 import (
     BLOCKSIZES,
     CHUNK_ELEMENTS,
@@ -26,7 +27,7 @@ from minilora.nf4 import (
     quantize_4bit,
     quantize_4bit_reference,
 )
-from minilora.qlora import Linear4bit, _input_gradient, quantize_model
+from minilora.qlora import Linear4bit, quantize_model
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -199,6 +200,11 @@ def test_all_finite_answers_right():
     assert not bool(kernels.all_finite(x))
     x[77_777] = float("nan")
     assert not bool(kernels.all_finite(x))
+    x[77_777] = -float("inf")
+    assert not bool(kernels.all_finite(x))
+    x[77_777] = 1.0
+    x[0] = float("nan")  # at either end too
+    assert not bool(kernels.all_finite(x)) and bool(kernels.all_finite(torch.ones(0)))
 
 
 def test_dequantize_into_a_given_buffer(decode_path):
@@ -260,7 +266,7 @@ def test_layers_of_one_size_share_a_buffer_and_stay_correct():
     assert same_values(y.detach(), expected)
     y.float().sum().backward()
     g = torch.ones(5, 64, dtype=torch.bfloat16)
-    expected_grad = _input_gradient(_input_gradient(g, w2), w1)  # ∂L/∂x = ∂L/∂y · Ŵ, from fresh decodes
+    expected_grad = input_gradient(input_gradient(g, w2), w1)  # ∂L/∂x = ∂L/∂y · Ŵ, from fresh decodes
     assert same_values(x.grad, expected_grad)
 
 
@@ -358,7 +364,7 @@ def test_double_dequantize_still_matches_after_caching():
 def test_input_gradient_layouts_agree():
     # The two layouts of ∂L/∂y · Ŵ are the same product; in float32 they agree to summation order.
     g, w = torch.randn(6, 48), torch.randn(48, 64)
-    torch.testing.assert_close(_input_gradient(g, w), torch.nn.functional.linear(g, w.t().contiguous()))
+    torch.testing.assert_close(input_gradient(g, w), torch.nn.functional.linear(g, w.t().contiguous()))
     # bf16: inputs rounded by 2^-9 relative, the result by 2^-9; sums of 48 unit-variance products are ~7,
     # so a few bf16 steps of 7 · 2^-8 ≈ 0.03: atol 5e-2, rtol 2e-2.
-    torch.testing.assert_close(_input_gradient(g.bfloat16(), w.bfloat16()).float(), g @ w, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(input_gradient(g.bfloat16(), w.bfloat16()).float(), g @ w, rtol=2e-2, atol=5e-2)
