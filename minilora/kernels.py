@@ -28,7 +28,9 @@ benchmarks/results/):
    Parallelism is ours instead, and coarse (`run_steps`): with torch.get_num_threads() = T > 1,
    the caller and T - 1 worker threads take whole steps from one shared queue until none is left, so a
    descheduled thread delays at most the step it holds, not half the tensor. The torch ops release the
-   GIL; the Python between them is ~10 % of a step.
+   GIL; the Python between them is ~10 % of a step. (The compiled decode of minilora.native applies the
+   same rule inside one parallel region of torch's own threads: its steps need no Python, and after any
+   parallel op torch's idle workers spin on the cores that threads of ours would need.)
 4. On a GPU the opposite holds (each op is a kernel launch), so there a step is the whole tensor. Under
    torch.compile nf4.py hands the compiler the reference formula instead, which it fuses into one loop.
 5. No fresh output per call where it is safe: a newly allocated 4096 x 4096 bf16 tensor costs ~8,200 page
@@ -49,10 +51,11 @@ from contextlib import contextmanager
 import torch
 
 CHUNK_ELEMENTS = 1 << 18  # values per step on a CPU, encode and decode (point 2): the fastest measured
-# The compiled decode (minilora.native) keeps no temporaries, so only the hand-off per step counts: larger
-# steps. Measured on 4096 x 4096 -> bf16 into a buffer at 2 threads, medians of 15, steps of 2^18 / 2^19 /
-# 2^20 / 2^21 / 2^22 values: 4.7 / 4.1 / 3.7 / 3.7 / 4.0 ms (a bf16 copy_: 3.9 ms); beside a busy process
-# 7.3 / 6.6 / 5.8 / 4.4 / 4.5 ms (one run each: the busy figures move by a millisecond or more).
+# The compiled decode (minilora.native) keeps no temporaries and hands out its steps in C++, so steps only
+# need to be few enough to hand out cheaply and many enough to share. Measured on 4096 x 4096 -> bf16 into a
+# buffer at 2 threads, medians of 15, steps of 2^18 / 2^19 / 2^20 / 2^21 / 2^22 values: 2.7 / 3.5 / 2.8 /
+# 2.8 / 2.9 ms (a bf16 copy_: 3.2 ms); beside a busy process 8.0 / 5.0 / 8.0 / 4.9 / 7.5 ms, one run each,
+# where the same setting moves by 3 ms between runs. None stands out; 2^20 is 16 steps of a 4096 x 4096.
 FUSED_STEP_ELEMENTS = 1 << 20
 
 _CACHE: dict = {}
@@ -193,21 +196,21 @@ def decode_full_blocks(flat_bytes, flat_absmax, full: int, blocksize: int, pair_
 
     pair_table: (256,) int64, entry b = the float32 levels of b's high and low nibble side by side (so one
     gather moves both; see nf4.byte_pair_table). flat_absmax: float32, one per block. out: 1-D, any float
-    dtype; the float32 product is rounded once into it. fused: None, or a function (bytes, absmax, out) that
-    decodes whole blocks in one compiled loop (minilora.native, handed in by nf4), used for every step.
+    dtype; the float32 product is rounded once into it. fused: None, or a function (bytes, absmax, out, step)
+    that decodes whole blocks in one compiled loop (minilora.native, handed in by nf4), which then does all
+    the work, in steps of FUSED_STEP_ELEMENTS values on torch's own threads.
     """
+    if fused is not None:  # one call: the compiled loop hands its steps to torch's own threads itself
+        fused(flat_bytes, flat_absmax, out[:full], max(FUSED_STEP_ELEMENTS, blocksize))
+        return
+
     def work(start: int, stop: int) -> None:
-        if fused is not None:
-            fused(flat_bytes[start // 2: stop // 2], flat_absmax[start // blocksize: stop // blocksize],
-                  out[start:stop])
-            return
         index = flat_bytes[start // 2: stop // 2].int()  # uint8 -> int32 (index_select takes int32 or int64)
         levels = pair_table.index_select(0, index).view(torch.float32).view(-1, blocksize)
         levels.mul_(flat_absmax[start // blocksize: stop // blocksize].unsqueeze(1))  # float32, in place
         out[start:stop].view(-1, blocksize).copy_(levels)  # rounded once to out's dtype
 
-    step = max(FUSED_STEP_ELEMENTS, blocksize) if fused is not None else step_elements(out.device, blocksize, full)
-    run_steps(full, step, out.device, work)
+    run_steps(full, step_elements(out.device, blocksize, full), out.device, work)
 
 
 # ----------------------------------------------------------------------------------------------------
