@@ -27,10 +27,11 @@ Every output is one IEEE multiply and one rounding, the same as in the eager ker
 equal bit for bit (tests/test_kernels.py compares it with nf4's reference for every dtype, blocksize and
 length). The values are finite: absmax is checked before decoding and |level| <= 1.
 
-It is optional and safe. The C++ below is compiled on first use with torch.utils.cpp_extension (g++ and
-ninja), cached by torch in ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) for later runs; compiling
-takes 10-60 s once. Without AVX2, a compiler or ninja, or with MINILORA_NATIVE=0, `decoder()` is None and
-minilora.kernels decodes in eager PyTorch, the path the chapters explain.
+It is optional and safe. The C++ below is compiled on first use with torch.utils.cpp_extension (g++ with
+OpenMP, whose runtime is then torch's own libgomp, already loaded; and ninja), cached by torch in
+~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) for later runs; compiling takes 10-60 s once. Without
+AVX2, a compiler or ninja, on a compile error (logged once), or with MINILORA_NATIVE=0, `decoder()` is None
+and minilora.kernels decodes in eager PyTorch, the path the chapters explain.
 """
 
 from __future__ import annotations
