@@ -4,20 +4,19 @@
     python benchmarks/bench_quant.py --quick        # 4096 x 4096 only, fewer repeats
     python benchmarks/bench_quant.py --threads 1    # one thread count only
 
-For every shape and thread count: the median wall time of quantize (bf16 -> packed NF4 + absmax, blocksize
-64) and dequantize (-> a new bf16 tensor), the ratio ours / bitsandbytes, and a plain bf16 copy of the same
-matrix (`clone`, also into a new tensor) as a memory-bandwidth yardstick; then the decode into an existing
-buffer (`out=`) against `copy_` into one, which is the decode's own cost without page faults. New tensors
-come from fresh pages every time (`fresh_pages_for_every_new_tensor`), so that the allocator's history does
-not decide the figures. The candidates are timed in turn
-(ours, bitsandbytes, copy, ours, ...), so that a change in the machine's load hits all of them alike; the
-median is over `--repeats` such rounds. Then the dequantize rounds again beside a busy process (a second
-Python process spinning on one core), the condition in which many small parallel regions collapse. Also
-checks that both libraries produce the same bytes and values (bit-exact). Goals (issue 12): quantize at
-most 0.5x bitsandbytes' time; dequantize at most 1.0x bitsandbytes and 1.3x a bf16 copy; at most 1.5x
-bitsandbytes when busy. Prints a Markdown table headed by `minilora.machine.describe_line()` (taken while
-the measurement ran) and writes it to benchmarks/results/bench_quant.md. Timings, not asserts: they depend
-on the machine and its load.
+For every shape and thread count: the median wall time of quantize (bf16 -> packed NF4 + absmax, blocksize 64)
+and dequantize (-> a new bf16 tensor), the ratio ours / bitsandbytes, and a plain bf16 copy of the same matrix
+(`clone`, also into a new tensor) as a memory-bandwidth yardstick; then the decode into an existing buffer
+(`out=`) against `copy_` into one, which is the decode's own cost without page faults. New tensors come from
+fresh pages every time (`fresh_pages_for_every_new_tensor`), so that the allocator's history does not decide
+the figures. The candidates are timed in turn (ours, bitsandbytes, copy, ours, ...), so that a change in the
+machine's load hits all of them alike; the median is over `--repeats` such rounds. Then the dequantize rounds
+again beside a busy process (a second Python process spinning on one core), the condition in which many small
+parallel regions collapse. Also checks that both libraries produce the same bytes and values (bit-exact).
+Goals (issue 12): quantize at most 0.5x bitsandbytes' time; dequantize at most 1.0x bitsandbytes and 1.3x a
+bf16 copy; at most 1.5x bitsandbytes when busy. Prints a Markdown table headed by
+`minilora.machine.describe_line()` (taken while the measurement ran) and writes it to
+benchmarks/results/bench_quant.md. Timings, not asserts: they depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ def bench_shape(shape, threads: int, repeats: int) -> list[dict]:
                                  ("dequantize", dequantize, dequant_exact, 1.0),
                                  ("dequantize into a buffer", into_buffer, dequant_exact, None)]:
         t = alternating_medians(fns, repeats)
-        rows.append({"shape": shape, "threads": threads, "op": op, "bnb": None, **t, "goal": goal,
+        rows.append({"shape": shape, "threads": threads, "op": op, "bnb": None, **t, "goal": goal,  # t: bnb's too
                      "exact": exact, "load": describe_line()})
     spinner = busy_process()
     try:

@@ -5,6 +5,7 @@ The package is a house with floors; each module imports only from the floors bel
     floor 0   files       atomic file writes (temporary name, then rename)
               machine     where a number was measured (CPU capability, threads, versions); quiet log lines
               checks      the shared checks of public arguments (an integer, a number in a range, a choice)
+              codes       the 16 levels of NF4 (normal quantiles), FP4 and Int4; nearest-level bounds (ch. 3)
               kernels     the fast 4-bit encode/decode beside nf4's references; cached tables (chapter 3)
               native      the optional compiled AVX2 decode (C++ compiled on first use), bit-exact (chapter 6)
               frozen_linear  a frozen base's matmul; its input gradient in the layout fast here (chapter 6)

@@ -14,11 +14,9 @@ import torch
 from torch import nn
 
 from minilora import data
+from minilora.codes import QUANT_TYPES  # used as experiments.QUANT_TYPES by notebook 06
 from minilora.lora import LoraConfig, add_lora
 from minilora.qlora import quantize_model
-
-QUANT_TYPES = ("nf4", "fp4", "int4")
-
 
 # -- chapter 6: 4-bit data types against the outputs of a pretrained model --------------------------------
 

@@ -159,7 +159,7 @@ _MODULE: list = []   # [] not tried yet; [None] unavailable; [module] compiled
 
 
 def decoder():
-    """The compiled module (its `decode`), compiled and loaded on first call; None where it cannot be."""
+    """The compiled module (its `decode_steps`), compiled and loaded on first call; None where it cannot be."""
     if not _MODULE:
         _MODULE.append(_build())
     return _MODULE[0]

@@ -1,24 +1,24 @@
 """NF4: 4-bit NormalFloat codes and blockwise 4-bit quantization (Dettmers et al., QLoRA, 2023, §3).
 
-A 4-bit weight format needs two things: 16 code values ("levels") and a rule that maps every weight to one
-of them. QLoRA's rule is blockwise absmax scaling (QLoRA eq. 1, applied per block):
+A 4-bit weight format needs two things: 16 code values ("levels", minilora/codes.py, re-exported here) and a
+rule that maps every weight to one of them. QLoRA's rule is blockwise absmax scaling (QLoRA eq. 1, applied
+per block):
 
     absmax_b = max_{i in block b} |W_i|            one float32 constant per `blocksize` consecutive weights
     q_i      = argmin_j | code[j] - W_i / absmax_b |    the nearest of the 16 levels, stored in 4 bits
     Ŵ_i      = code[q_i] · absmax_b                    dequantization
 
 Dividing by absmax maps every block into [-1, 1]; the choice of the 16 levels in [-1, 1] decides how much is
-lost. Pretrained weights are roughly normal, so NF4 places its levels at quantiles of N(0, 1): every level
-is used about equally often (quantile quantization, QLoRA eq. 4). `fp4_code` (a 4-bit float, E2M1) and
-`int4_code` (evenly spaced integers) are the two baselines QLoRA compares against.
+lost: NF4's normal quantiles, or the baselines FP4 and Int4 (minilora/codes.py explains each).
 
 Everything here is byte-for-byte equal to bitsandbytes 0.50 (`bitsandbytes.functional.quantize_4bit` /
-`dequantize_4bit`), checked by tests/test_nf4.py. Reading order: the codes (`nf4_code`, `fp4_code`,
-`int4_code`), nearest-code lookup (`code_midpoints`), packing (`pack_4bit`, `unpack_4bit`), then
-`quantize_4bit` and `dequantize_4bit`. The reference versions (`quantize_4bit_reference`,
-`dequantize_4bit_reference`) are the whole algorithm in a dozen lines; `quantize_4bit` and `dequantize_4bit`
-run the same steps through minilora/kernels.py (cache-sized steps, tables built once per device; why, and
-what it measured, is that file's docstring) and are tested to give identical bytes and values.
+`dequantize_4bit`), checked by tests/test_nf4.py. Reading order: minilora/codes.py first (`nf4_code`,
+`fp4_code`, `int4_code`, and nearest-level lookup, `code_midpoints`), then here the tables built from them,
+packing (`pack_4bit`, `unpack_4bit`), `quantize_4bit` and `dequantize_4bit`. The reference versions
+(`quantize_4bit_reference`, `dequantize_4bit_reference`) are the whole algorithm in a dozen lines;
+`quantize_4bit` and `dequantize_4bit` run the same steps through minilora/kernels.py (cache-sized steps,
+tables built once per device; why, and what it measured, is that file's docstring) and are tested to give
+identical bytes and values.
 
 Supported: blocksize a power of two from 32 to 4096 (exactly what bitsandbytes accepts), x of dtype
 float16, bfloat16, float32 or float64 (computed in float32, as bitsandbytes does), any shape, any length
@@ -33,8 +33,18 @@ from typing import NamedTuple
 import torch
 
 from minilora import native
+from minilora.codes import (  # the 16 levels; exported from here too, as chapter 3 teaches them with the rest
+    NF4_OFFSET,
+    QUANT_TYPES,
+    check_quant_type,
+    code_midpoints,
+    fp4_code,
+    get_code,
+    int4_code,
+    nf4_code,
+)
 from minilora.kernels import (
-    CHUNK_ELEMENTS,  # noqa: F401  (re-exported: tests size their inputs by it)
+    CHUNK_ELEMENTS,  # re-exported: tests size their inputs by it
     all_finite,
     cached,
     count_midpoints_below,
@@ -43,99 +53,19 @@ from minilora.kernels import (
     scale_blocks,
 )
 
-QUANT_TYPES = ("nf4", "fp4", "int4")
+__all__ = ["BLOCKSIZES", "CHUNK_ELEMENTS", "FLOAT_DTYPES", "NF4_OFFSET", "QUANT_TYPES", "Tables",
+           "byte_pair_table", "check_blocksize", "check_finite", "check_input", "check_quant_options",
+           "check_quant_type", "check_quantize_args", "check_stored", "code_midpoints", "code_on",
+           "dequantize_4bit", "dequantize_4bit_reference", "fp4_code", "get_code", "int4_code", "nf4_code",
+           "pack_4bit", "quantize_4bit", "quantize_4bit_reference", "tables", "unpack_4bit"]
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# NF4's outermost probability: Φ⁻¹(NF4_OFFSET) ≈ 1.848 becomes the level 1.0. It cannot be 1 (Φ⁻¹(1) = ∞);
-# 0.9677083 = ½·[(1 - 1/30) + (1 - 1/32)], halfway between the centre of the last of 15 equal-probability
-# slices and that of the last of 16 (see chapters/03-nf4.md).
-NF4_OFFSET = 0.9677083
-
 
 # ----------------------------------------------------------------------------------------------------
-# The 16 levels
+# The levels as the kernels look them up, built once per device
 # ----------------------------------------------------------------------------------------------------
-
-
-def nf4_code() -> torch.Tensor:
-    """The 16 NF4 levels in [-1, 1], sorted ascending; index 7 is exactly 0 (QLoRA §3, "4-bit NormalFloat").
-
-    Asymmetric on purpose: 8 positive quantiles, 7 negative ones and an exact zero (so that zero weights,
-    e.g. padding, stay zero). Each half is a set of normal quantiles Φ⁻¹(p) with p evenly spaced from
-    NF4_OFFSET down to 0.5 (the p = 0.5 end, Φ⁻¹ = 0, is dropped and replaced by the shared zero):
-
-        positive: Φ⁻¹(linspace(NF4_OFFSET, 0.5, 9)[:-1])      8 levels
-        negative: -Φ⁻¹(linspace(NF4_OFFSET, 0.5, 8)[:-1])     7 levels
-
-    then everything is divided by the largest level so the code spans [-1, 1]. To reproduce bitsandbytes'
-    table to the last bit, the probabilities are float32 (torch.linspace), Φ⁻¹ runs in float64 (float32
-    ndtri is off by a few ulp), and the result is rounded to float32 before sorting and normalising.
-    """
-    positive_p = torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float32)[:-1]
-    negative_p = torch.linspace(NF4_OFFSET, 0.5, 8, dtype=torch.float32)[:-1]
-    positive = torch.special.ndtri(positive_p.double()).float()
-    negative = -torch.special.ndtri(negative_p.double()).float()
-    levels = torch.cat([positive, torch.zeros(1), negative]).sort().values
-    return levels / levels.max()
-
-
-def fp4_code() -> torch.Tensor:
-    """The 16 FP4 (E2M1) levels in bitsandbytes' bit-pattern order: code[q] is the value of 4-bit pattern q.
-
-    Bit 3 is the sign, bits 2-1 an exponent e, bit 0 a mantissa bit m. bitsandbytes' FP4 counts its
-    exponent downwards: e = 1, 2, 3 give 8, 4, 2 times (1 + m/2), and e = 0 is subnormal (m · 0.0625).
-    Magnitudes by pattern 0..7: 0, 0.0625, 8, 12, 4, 6, 2, 3; patterns 8..15 are their negatives. Divided
-    by the largest magnitude (12), so the code spans [-1, 1]. Not sorted: use `code_midpoints`, which sorts
-    first, to find nearest levels.
-
-    Pattern 8 is negative zero, -0.0. Nearest-level rounding sends values in (0, 0.0026] to it (the
-    second of the two equal zeros), and bitsandbytes' native CPU kernel decodes it as -0.0, so we do too.
-    (bitsandbytes' Python table `get_4bit_type("fp4")` stores +0.0 there; equal as numbers, and its
-    pure-PyTorch fallback returns +0.0.)
-    """
-    magnitudes = []
-    for pattern in range(8):
-        exponent, mantissa = pattern >> 1, pattern & 1
-        if exponent == 0:
-            magnitudes.append(0.0625 * mantissa)
-        else:
-            magnitudes.append(2.0 ** (4 - exponent) * (1 + mantissa / 2))
-    levels = torch.tensor(magnitudes + [-m for m in magnitudes], dtype=torch.float32)
-    return levels / levels.abs().max()
-
-
-def int4_code() -> torch.Tensor:
-    """Int4: symmetric, evenly spaced levels k/7 for k = -7..7 (QLoRA eq. 1 with 4 bits: round(7 · x/absmax)).
-
-    15 distinct levels; the 16th bit pattern is a second zero. Laid out sign-magnitude like the int4 list
-    in bitsandbytes' `get_4bit_type`: pattern q < 8 is (7 - q)/7, pattern 8 + k is -k/7. bitsandbytes'
-    quantize_4bit offers only nf4 and fp4, so Int4 has no oracle; it is here as QLoRA's baseline.
-    """
-    magnitudes = [float(7 - q) for q in range(8)]  # 7, 6, ..., 1, 0
-    levels = torch.tensor(magnitudes + [-float(k) for k in range(8)], dtype=torch.float32)
-    levels[8] = 0.0  # -0.0 stored as +0.0
-    return levels / 7.0
-
-
-def get_code(quant_type: str) -> torch.Tensor:
-    """The 16 levels of `quant_type` ("nf4", "fp4" or "int4"), indexed by 4-bit pattern."""
-    check_quant_type(quant_type)
-    return {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}[quant_type]()
-
-
-def code_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decision boundaries for nearest-level rounding: (midpoints, order).
-
-    Sort the levels (`order[j]` is the pattern of the j-th smallest level; a stable sort, so of two equal
-    levels the lower pattern comes first), then the boundary between neighbours is their float32 midpoint.
-    A value v rounds to sorted position j = number of midpoints strictly below v — so an exact tie goes
-    to the lower level, as in bitsandbytes — and its 4-bit pattern is order[j].
-    """
-    order = torch.sort(code, stable=True).indices
-    levels = code[order]
-    midpoints = (levels[:-1] + levels[1:]) / 2
-    return midpoints, order
 
 
 class Tables(NamedTuple):
@@ -212,11 +142,6 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Checking inputs
 # ----------------------------------------------------------------------------------------------------
-
-
-def check_quant_type(quant_type) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type: expected one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 def check_quant_options(blocksize, quant_type) -> None:
