@@ -1,5 +1,5 @@
-# minilora — every target sets itself up on a fresh machine: it creates .venv if missing,
-# installs torch first (TORCH_SPEC, overridable), then the package with its dev extra.
+# minilora — every target sets itself up on a fresh machine: it creates .venv if missing, installs torch first
+# (TORCH_SPEC), then the package with its dev extra, every package at the exact version of requirements.lock.
 #
 #   make demo        the guided tour (CPU, a few minutes), report in runs/demo/
 #   make test        everything CI checks
@@ -7,31 +7,72 @@
 #   make lab         JupyterLab on notebooks/
 #   make bench       benchmarks, Markdown tables in benchmarks/results/
 #   make exercises   the exercise tests against YOUR stubs in exercises/learner/
+#   make lock        refresh requirements.lock (a deliberate change: then run the whole of .ci/run)
+#   make test-latest the tests in .venv-latest, with the newest versions pyproject.toml allows (what a refresh
+#                    of the lock would bring); not part of CI
 #
 # GPU machines: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" demo
-# (any torch >= 2.6 works; the default below is the CPU build these machines keep on disk).
+# (any torch >= 2.6 works; the lock's torch, triton and CUDA libraries then step aside, the rest stays locked;
+# the default is the lock's torch, the CPU build these machines keep on disk).
 
 PYTHON      ?= python3
 VENV        ?= .venv
-TORCH_SPEC  ?= torch==2.13.0
+LOCK        := requirements.lock
+LOCK_TORCH  := $(shell sed -n 's/^\(torch==[^ ;]*\).*/\1/p' $(LOCK))
+TORCH_SPEC  ?= $(LOCK_TORCH)
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.minilora-installed
+# pip reads PIP_CONSTRAINT in every pip it starts, the isolated build of the package included (setuptools).
+CONSTRAINTS := $(VENV)/constraints.txt
+PIP_LOCKED  := PIP_CONSTRAINT=$(CONSTRAINTS) $(PY) -m pip install --quiet
 
 # The running example is tiny (hidden size 64): one thread per process is as fast as two and gives the same
 # numbers on every machine. Override with `make test OMP_NUM_THREADS=2`.
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
+# Nothing in this repository is downloaded from the Hugging Face Hub; say so to the libraries, which otherwise
+# look for an optional kernel online on every import of bitsandbytes on AVX512-BF16 CPUs (minilora/machine.py).
+HF_HUB_OFFLINE ?= 1
+export HF_HUB_OFFLINE
 
-.PHONY: demo test test-portable lint pytest exercises-reference exercises-stubs nbval lab bench exercises figures setup clean book book-serve book-check
+.PHONY: demo test test-portable lint pytest exercises-reference exercises-stubs nbval lab bench exercises figures setup clean book book-serve book-check lock test-latest
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The lock was resolved for Python >= 3.11 (some locked packages need it); pyproject.toml itself allows 3.10.
+$(STAMP): pyproject.toml $(LOCK)
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "make installs requirements.lock, which needs Python >= 3.11 (make PYTHON=python3.11); pip install -e . works on 3.10")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(if $(filter $(LOCK_TORCH),$(TORCH_SPEC)),cp $(LOCK) $(CONSTRAINTS),\
+	  grep -v -E '^(torch|triton|nvidia-[a-z0-9-]+)==' $(LOCK) > $(CONSTRAINTS))
+	$(PIP_LOCKED) pip
+	$(PIP_LOCKED) $(TORCH_SPEC)
+	$(PIP_LOCKED) -e ".[dev]"
 	touch $(STAMP)
+
+# Refresh the lock: the newest versions pyproject.toml allows, for every platform (uv's universal resolution),
+# torch held at TORCH_LOCK. Afterwards `make clean` and run .ci/run: the new versions are what CI then tests.
+UV_SPEC     ?= uv==0.13.9
+TORCH_LOCK  ?= $(or $(LOCK_TORCH),torch==2.13.0)
+UV_VENV     := .venv-uv
+lock:
+	test -x $(UV_VENV)/bin/uv || ($(PYTHON) -m venv $(UV_VENV) && $(UV_VENV)/bin/python -m pip install --quiet $(UV_SPEC))
+	printf '%s\npip\nsetuptools>=77\n' '$(TORCH_LOCK)' | $(UV_VENV)/bin/uv pip compile pyproject.toml - \
+	  --extra dev --extra book --universal --python-version 3.11 --custom-compile-command "make lock" \
+	  --quiet -o $(LOCK)
+	@echo "requirements.lock refreshed: now 'make clean' and run .ci/run, and commit the lock with the results"
+
+# The suite against the newest versions pyproject.toml allows (torch stays TORCH_SPEC), in its own venv: what a
+# refresh of the lock would break. scripts/lock_drift.py lists the versions that differ from the lock.
+LATEST      := .venv-latest
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	touch $(LATEST)/.minilora-installed
+	$(LATEST)/bin/python scripts/lock_drift.py $(LOCK)
+	MINILORA_UNLOCKED=1 $(MAKE) --no-print-directory pytest exercises-reference exercises-stubs nbval VENV=$(LATEST)
 
 demo: $(STAMP)
 	$(PY) -m minilora demo
@@ -93,7 +134,7 @@ figures: $(STAMP)
 BOOK_STAMP  := $(VENV)/.minilora-book-installed
 
 $(BOOK_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[dev,book]"
+	$(PIP_LOCKED) -e ".[dev,book]"
 	touch $(BOOK_STAMP)
 
 book: $(BOOK_STAMP)
@@ -107,4 +148,4 @@ book-check: $(BOOK_STAMP)
 	$(PY) scripts/check_book.py
 
 clean:
-	rm -rf $(VENV) .cache runs .pytest_cache site build/book
+	rm -rf $(VENV) $(LATEST) $(UV_VENV) .cache runs .pytest_cache site build/book

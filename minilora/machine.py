@@ -7,10 +7,13 @@ So every benchmark table and the demo report say where they ran, with `describe(
     >>> describe()["cpu_capability"]       # what torch dispatches to: "DEFAULT", "AVX2", "AVX512", ...
     'AVX2'
 
-The second job: on CPUs with AVX512-BF16, importing bitsandbytes (directly or through peft) logs a warning
-that an optional kernel package is not installed. bitsandbytes then uses its own kernels, so the line is
-harmless, but it lands in every notebook's stderr and in the demo's terminal. `quiet_known_log_lines()`
-filters exactly that message on exactly that logger, and nothing else; `minilora/__init__.py` calls it once.
+The second job: on CPUs with AVX512-BF16, importing bitsandbytes (directly or through peft) tries to load an
+optional kernel from the Hugging Face Hub for its fused inference path. Where that fails (no `kernels` package,
+no network, or HF_HUB_OFFLINE=1, as every `make` target sets) bitsandbytes logs a warning and uses its own
+kernels, so the line is harmless; with HF_HUB_OFFLINE=1 the `kernels` package (which transformers 5 installs)
+logs one more. Both land in every notebook's stderr and in the demo's terminal. `quiet_known_log_lines()` filters
+exactly those messages on exactly those loggers, and nothing else; `minilora/__init__.py` calls it once.
+(tests/test_bnb_kernels.py checks on which CPUs bitsandbytes logs, tests/test_machine.py each filter.)
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import torch
 # a filter that swallowed every warning of a library would hide the next real problem.
 KNOWN_HARMLESS = [
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub",
+     "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub "
+     "is in offline mode"),
 ]
 
 

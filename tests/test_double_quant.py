@@ -3,7 +3,7 @@
 import bitsandbytes.functional as bnb_f
 import pytest
 import torch
-from bitwise import bits, bnb_reference_dequantize
+from bitwise import bits, bnb_reference_absmax, bnb_reference_dequantize
 from safetensors.torch import load_file, save_file
 
 from minilora.double_quant import (
@@ -84,7 +84,10 @@ def test_double_dequantize_equals_bitsandbytes_nested_decode():
     _, absmax = quantize_4bit(weight(512, 1000, seed=2), 64, "nf4")
     offset = absmax.mean()
     qabsmax, state2 = bnb_f.quantize_blockwise(absmax - offset, blocksize=DQ_BLOCKSIZE)
-    theirs = bnb_f.dequantize_blockwise(qabsmax, state2) + offset
+    # bitsandbytes' generic decode (tests/bitwise.py), the same code on every CPU
+    state = bnb_f.QuantState(absmax=qabsmax, shape=absmax.shape, code=bnb_f.get_4bit_type("nf4", device="cpu"),
+                             blocksize=64, quant_type="nf4", dtype=torch.float32, offset=offset, state2=state2)
+    theirs = bnb_reference_absmax(state)
     assert torch.equal(bits(double_dequantize(qabsmax, state2.absmax, offset)), bits(theirs))
 
 

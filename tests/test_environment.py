@@ -1,6 +1,9 @@
-"""pyproject.toml and environment.yml must describe the same environment."""
+"""pyproject.toml, environment.yml and requirements.lock must describe the same environment, and the lock the one
+that is installed."""
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +35,7 @@ def _environment_requirements() -> dict[str, str]:
         if not entry.startswith("- "):
             break
         entry = entry[2:].strip()
-        if entry != "-e .":
+        if entry not in ("-e .", "-c requirements.lock"):
             reqs[_name(entry)] = entry.replace(" ", "")
     return reqs
 
@@ -41,14 +44,60 @@ def test_same_packages_and_pins():
     assert _pyproject_requirements() == _environment_requirements()
 
 
-def test_environment_installs_the_package_itself():
-    assert "- -e ." in (ROOT / "environment.yml").read_text()
+def test_environment_installs_the_package_itself_from_the_lock():
+    text = (ROOT / "environment.yml").read_text()
+    assert "- -e ." in text and "- -c requirements.lock" in text
 
 
 def test_python_version_agrees():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["requires-python"] == ">=3.10"
-    assert "python>=3.10" in (ROOT / "environment.yml").read_text()
+    assert project["requires-python"] == ">=3.10"  # pip install -e . into an existing environment
+    assert "python>=3.11" in (ROOT / "environment.yml").read_text()  # the lock's packages need 3.11
+    assert "--python-version 3.11" in (ROOT / "Makefile").read_text()
+
+
+# -- the lock (issue 21: five days after a green CI, a fresh clone installed other versions) -------------------
+
+
+def _lock():
+    """{name: version} of the lock's pins for this interpreter (scripts/lock_drift.py reads it the same way)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from lock_drift import locked_versions
+
+    return locked_versions(ROOT / "requirements.lock")
+
+
+def test_the_lock_pins_every_requirement_within_its_range():
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    pins = _lock()
+    for text in project["dependencies"] + extras["dev"] + extras["book"]:
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate():
+            assert requirement.specifier.contains(pins[_name(requirement.name)], prereleases=True), text
+
+
+def test_the_makefile_installs_the_locked_torch_by_default():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "TORCH_SPEC  ?= $(LOCK_TORCH)" in makefile
+    assert _lock()["torch"] == "2.13.0"  # the CPU build these machines keep on disk; a change is deliberate
+
+
+@pytest.mark.skipif(os.environ.get("MINILORA_UNLOCKED") == "1", reason="make test-latest: newer than the lock")
+def test_every_installed_package_is_the_locked_version():
+    """The environment this suite runs in is the lock, package for package (torch's +cpu/+cuXXX label names the
+    build, not the release). `make test-latest` runs without the lock, and says so."""
+    from importlib import metadata
+
+    pins = _lock()
+    installed = {_name(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()}
+    assert pins and installed
+    installed.pop("minilora")
+    if installed["torch"] != pins["torch"]:  # make TORCH_SPEC=...: torch and its CUDA libraries are the user's
+        installed = {n: v for n, v in installed.items() if not re.match(r"(torch|triton|nvidia-.*)$", n)}
+    assert {n: v for n, v in installed.items() if pins.get(n) != v} == {}
 
 
 # -- make lab (issue 13: as root it exited with "Running as root is not recommended") ---------------------
