@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def locked_versions(lock: Path) -> dict[str, str]:
 
 
 def installed_versions() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """{canonical name: version} in this environment's site-packages (not vendored copies elsewhere on sys.path)."""
+    site_packages = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=site_packages)}
 
 
 def main(argv: list[str]) -> None:

@@ -4,6 +4,7 @@ that is installed."""
 import os
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,10 @@ def test_every_installed_package_is_the_locked_version():
     from importlib import metadata
 
     pins = _lock()
-    installed = {_name(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()}
+    # site-packages only: a package's vendored copies (setuptools puts its own on sys.path) are not installed
+    site_packages = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    installed = {_name(d.metadata["Name"]): d.version.split("+")[0]
+                 for d in metadata.distributions(path=site_packages)}
     assert pins and installed
     installed.pop("minilora")
     if installed["torch"] != pins["torch"]:  # make TORCH_SPEC=...: torch and its CUDA libraries are the user's
