@@ -13,7 +13,8 @@ that a config (or an adapter file) selects the same layers here as in peft:
     alpha_pattern        end of the name at a "." boundary
 
 Everything here works on names and plain modules; minilora.bypass applies it to a model's layers
-(`selected_modules`, `find_target_modules`), minilora.lora checks a LoraConfig's fields with `check_names`.
+(`selected_modules`, `find_target_modules`), minilora.lora_config checks a LoraConfig's fields with
+`check_names`. The rule for a list of names is minilora.core.lora's `is_target`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import re
 
 from torch import nn
+
+from minilora.core.lora import is_target
 
 ALL_LINEAR = "all-linear"
 
@@ -54,9 +57,10 @@ def output_head_name(model: nn.Module) -> str | None:
 
 
 def matches(name: str, target_modules) -> bool:
+    """peft's rule: a str is a regex the whole name must match, a list names modules by `is_target`."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+    return is_target(name, target_modules)
 
 
 def layer_index(name: str, layers_pattern=None) -> int | None:
