@@ -8,7 +8,12 @@ The package's own tests compare it with peft and bitsandbytes; these close the c
 core against peft and bitsandbytes directly where that is cheap.
 """
 
+import importlib
+import importlib.util
+import inspect
 import math
+import sys
+from pathlib import Path
 
 import bitsandbytes.functional as bnb_f
 import pytest
@@ -446,3 +451,55 @@ def test_memory_counts_equal_core_and_read_a_transformers_config(tiny_llama):
                 core_memory.optimizer_state_bytes(10**6, 7, optimizer, 2, master)
     assert math.isclose(4 + 8 * core_memory.quant_constant_bytes(4096 * 11008) / (4096 * 11008), 4.127,
                         abs_tol=5e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The exercises: each stub is its chapter's core file with bodies taken out
+# ----------------------------------------------------------------------------------------------------
+
+LEARNER = Path(__file__).resolve().parents[1] / "exercises" / "learner"
+STUBBED = ("lora", "adalora", "nf4", "double_quant", "paged", "qlora", "memory")
+
+
+def load_stub(name: str):
+    spec = importlib.util.spec_from_file_location(f"stub_of_core_{name}", LEARNER / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # @dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def shape_of(function) -> list:
+    """What a caller sees of a signature: the parameters' names, kinds and defaults."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+def body_removed_or_same(stub_function, core_function) -> bool:
+    source = inspect.getsource(stub_function)
+    return "raise NotImplementedError" in source or inspect.cleandoc(source) == inspect.cleandoc(
+        inspect.getsource(core_function))
+
+
+@pytest.mark.parametrize("name", STUBBED)
+def test_each_exercise_stub_is_its_core_file_with_bodies_taken_out(name):
+    """Every public name of the core file is in the stub, with the same parameters; whatever the stub defines
+    itself either raises NotImplementedError (the exercise) or is the core's code unchanged (given)."""
+    core, stub = importlib.import_module(f"minilora.core.{name}"), load_stub(name)
+    own = [key for key, value in vars(core).items() if not key.startswith("_")
+           and getattr(value, "__module__", core.__name__) == core.__name__ and not inspect.ismodule(value)]
+    for key in own:
+        assert hasattr(stub, key), f"exercises/learner/{name}.py lacks {key} (minilora/core/{name}.py has it)"
+        ours, theirs = getattr(core, key), getattr(stub, key)
+        if theirs is ours or not callable(ours):
+            assert theirs is ours or theirs == ours, key  # given: the core's own object, or the same constant
+        elif inspect.isclass(ours):
+            for method, function in vars(ours).items():
+                if inspect.isfunction(function) or isinstance(function, staticmethod):
+                    function = inspect.unwrap(getattr(ours, method))
+                    stub_function = inspect.unwrap(getattr(theirs, method))
+                    assert stub_function is not function, f"{key}.{method}: the stub must define it"
+                    assert shape_of(stub_function) == shape_of(function), f"{key}.{method}"
+                    assert body_removed_or_same(stub_function, function), f"{key}.{method}"
+        else:
+            assert shape_of(theirs) == shape_of(ours), key
+            assert body_removed_or_same(theirs, ours), key

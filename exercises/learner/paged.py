@@ -1,20 +1,26 @@
 """Exercise 5: the two ideas inside a paged optimizer (Chapter 5, chapters/05-paged-optimizers.md).
 
-Fill in every body that raises NotImplementedError, then run
+This is minilora/core/paged.py with the bodies of the update and of the pool's decisions taken out. Fill in
+every body that raises NotImplementedError, then run
 
     .venv/bin/python -m pytest exercises/test_05_paged.py            # against this file
 
-until everything passes. The book's solution is minilora/paged.py; try without it first.
+until everything passes. The book's solution is minilora/core/paged.py; try without it first.
 Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write: `adamw_update_page` (the AdamW update of one page of elements, in place) and the three methods
 of `LRUPool` that decide which page leaves the device pool (`touch`, `victim`, `admit`).
-Given: LRUPool.__init__, __contains__ and __len__ (the bookkeeping layout your methods work on).
+Given: LRUPool.__init__, __contains__ and __len__ (the bookkeeping layout your methods work on), and the core's
+PagedAdamW, which strings the core's versions of both together.
 """
+
+from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch  # noqa: F401  (the tensors you update are torch tensors; in-place ops end in _)
+
+from minilora.core.paged import PagedAdamW  # noqa: F401  (given)
 
 
 def adamw_update_page(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -33,9 +39,6 @@ class LRUPool:
     """
 
     def __init__(self, capacity: int | None):
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
-                                     or capacity < 1):
-            raise ValueError(f"capacity must be None or an integer >= 1 (pages), got capacity={capacity!r}")
         self.capacity = capacity
         self.slot_of: OrderedDict = OrderedDict()  # page -> slot, least recently used first
         self.num_slots = 0  # slots created so far; never more than capacity
