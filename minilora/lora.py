@@ -181,7 +181,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     check_adapter_name(adapter_name)
     existing = lora_layers(model)
     if existing:
-        check_beside(model, config, adapter_name, existing, layer_class)
+        check_second_adapter(model, config, adapter_name, existing, layer_class)
     names = find_target_modules(model, config.target_modules, **config.rules())
     ranks = {name: config.rank_and_alpha(name) for name in names}
     to_save = modules_to_save_names(model, config.modules_to_save)
@@ -215,7 +215,7 @@ def check_adapter_name(adapter_name) -> None:
                          f"nn.ModuleDict (such as 'keys' or 'training'), got adapter_name={adapter_name!r}")
 
 
-def check_beside(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict, layer_class) -> None:
+def check_second_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict, layer_class) -> None:
     """A second adapter can go beside the first unless it would be ambiguous what trains or what is saved:
     biases and modules trained in full belong to one adapter only (peft refuses several adapters with
     bias too), and one layer holds one kind of adapter (LoRA or DoRA)."""

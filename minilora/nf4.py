@@ -42,7 +42,7 @@ from minilora.kernels import (
 
 __all__ = ["BLOCKSIZES", "CHUNK_ELEMENTS", "FLOAT_DTYPES", "NF4_OFFSET", "QUANT_TYPES", "Tables",
            "byte_pair_table", "check_blocksize", "check_finite", "check_input", "check_quant_options",
-           "check_quant_type", "check_quantize_args", "check_stored", "code_midpoints", "code_on",
+           "check_quant_type", "check_quantize_args", "check_dequantize_args", "code_midpoints", "code_on",
            "dequantize_4bit", "dequantize_4bit_reference", "fp4_code", "get_code", "int4_code", "nf4_code",
            "pack_4bit", "quantize_4bit", "quantize_4bit_reference", "tables", "unpack_4bit"]
 
@@ -157,7 +157,7 @@ def check_finite(absmax: torch.Tensor) -> None:
         raise ValueError("x: contains NaN or Inf (after conversion to float32); cannot quantize")
 
 
-def check_stored(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.Size:
+def check_dequantize_args(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.Size:
     check_quant_options(blocksize, quant_type)
     try:
         shape = torch.Size(shape)
@@ -240,7 +240,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
 
 def dequantize_4bit_reference(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16):
     """minilora.core.nf4.dequantize_4bit (Ŵ = code[q] · absmax[block] in float32, cast to `dtype`), checked."""
-    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
+    shape = check_dequantize_args(packed, absmax, shape, blocksize, quant_type, dtype)
     return core.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
 
 
@@ -270,7 +270,7 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
     break the graph: the constants were checked when they were made).
     tests/test_core.py proves both equal minilora.core.nf4.dequantize_4bit bit for bit.
     """
-    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
+    shape = check_dequantize_args(packed, absmax, shape, blocksize, quant_type, dtype)
     if torch.compiler.is_compiling():  # the core's formula, in blocks (see kernels.scale_blocks)
         values = code_on(quant_type, packed.device)[unpack_4bit(packed, math.prod(shape)).long()]
         return scale_blocks(values, absmax.reshape(-1), blocksize).to(dtype).reshape(shape)

@@ -33,6 +33,7 @@ from minilora.frozen_linear import input_gradient
 from minilora.kernels import all_finite
 from minilora.lora import replace_module
 from minilora.nf4 import check_input, check_quant_options
+from minilora.targets import output_head
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -245,8 +246,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     for module in model.modules():
         if type(module).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")):
             module.float()
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     if head_fp32 and head is None:
         raise ValueError(f"head_fp32=True: {type(model).__name__} has no output head "
                          f"(get_output_embeddings() returned nothing)")

@@ -44,10 +44,15 @@ def check_target_modules(target_modules) -> None:
                          f"'all-linear', got target_modules={target_modules!r}")
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head, as a transformers model names it (get_output_embeddings), or None."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    return get_head() if callable(get_head) else None
+
+
 def output_head_name(model: nn.Module) -> str | None:
     """The name of the output head ("lm_head" in causal LMs), which "all-linear" leaves alone."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     for name, module in model.named_modules():
         if head is not None and module is head:
             return name

@@ -497,7 +497,8 @@ def test_each_exercise_stub_is_its_core_file_with_bodies_taken_out(name):
                 if inspect.isfunction(function) or isinstance(function, staticmethod):
                     function = inspect.unwrap(getattr(ours, method))
                     stub_function = inspect.unwrap(getattr(theirs, method))
-                    assert stub_function is not function, f"{key}.{method}: the stub must define it"
+                    if stub_function is function:
+                        continue  # given: inherited from the core's class
                     assert shape_of(stub_function) == shape_of(function), f"{key}.{method}"
                     assert body_removed_or_same(stub_function, function), f"{key}.{method}"
         else:
