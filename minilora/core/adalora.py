@@ -126,7 +126,7 @@ def triplet_score(score_A: torch.Tensor, score_E: torch.Tensor, score_B: torch.T
 
 
 def mask_to_budget(scores: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
-    """{name: bool (r,)}: the triplets that survive, keeping the `budget` best scores over ALL layers together.
+    """{name: bool (r,)}: the triplets that survive, the `budget` best scores over ALL layers (AdaLoRA §3.2).
 
     Every triplet at or below the k-th smallest score, k = triplets − budget, is dropped (ties go together).
     """
@@ -154,7 +154,7 @@ class RankAllocator:
         self.exp_avg_ipt, self.exp_avg_unc = {}, {}  # Ī and Ū: {"<layer>.lora_A": tensor, ...}
 
     def update_scores(self) -> None:
-        """One `update_importance` step for every element of every P, Λ, Q, from the current gradients."""
+        """One `update_importance` step for every element of every P, Λ, Q, from the current gradients (§3.2)."""
         for name, layer in self.layers.items():
             for kind in KINDS:
                 param, key = getattr(layer, kind), f"{name}.{kind}"

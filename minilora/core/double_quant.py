@@ -42,7 +42,8 @@ def dynamic_map() -> torch.Tensor:
 
 
 def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
-    """The first-level constants in 8 bits: (qabsmax uint8, absmax2 float32 per block, offset float32 scalar).
+    """The first-level constants in 8 bits (QLoRA §3, "Double Quantization"): (qabsmax uint8, absmax2 float32 per
+    block, offset float32 scalar).
 
     Nearest is decided exactly (float64 distances, ties to the lower level). bitsandbytes' CPU kernel picks
     codes through a lookup table that is not always nearest; ours are never further from the constants.
@@ -63,7 +64,8 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
 
 def double_dequantize(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
                       blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
-    """absmax_j = dynamic[qabsmax_j] · absmax2[j // blocksize] + offset, in float32 (as bitsandbytes)."""
+    """absmax_j = dynamic[qabsmax_j] · absmax2[j // blocksize] + offset, in float32: the inner dequant of QLoRA
+    eq. 6, doubleDequant(c1, c2, W) = dequant(dequant(c1, c2), W)."""
     n = qabsmax.numel()
     levels = dynamic_map().to(qabsmax.device)[qabsmax.reshape(-1).long()]
     return levels * absmax2.reshape(-1).repeat_interleave(blocksize)[:n] + offset

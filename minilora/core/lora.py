@@ -49,7 +49,7 @@ class LoRALinear(nn.Module):
         self.train(base.training)  # a new module starts in training mode; follow the model it joins
 
     def create_adapter(self, r: int, lora_alpha: float, lora_dropout: float, init: str = "kaiming") -> None:
-        """The trainable part: A and B, the scale α/r, and the dropout on the bypass input.
+        """The trainable part (LoRA §4.1): A and B, the scale α/r, and the dropout on the bypass input.
 
         A and B are float32 whatever the base's dtype: the adapter is small, and an optimizer updating bf16
         numbers loses small steps to rounding.
@@ -88,11 +88,11 @@ class LoRALinear(nn.Module):
         return (result + self.bypass(x_lora)).to(result.dtype)
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        """(α/r) · B A x as two thin matmuls, (x Aᵀ) Bᵀ: the (d_out, d_in) matrix B A is never formed."""
+        """(α/r) · B A x, eq. 3's second term, as two thin matmuls (x Aᵀ) Bᵀ: B A (d_out, d_in) is never formed."""
         return (x @ self.lora_A.T) @ self.lora_B.T * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = (α/r) · B A, the (out_features, in_features) matrix the bypass adds to W0."""
+        """ΔW = (α/r) · B A (LoRA eq. 3), the (out_features, in_features) matrix the bypass adds to W0."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def merge(self) -> None:
@@ -131,13 +131,14 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad = True for the adapters' "lora_" parameters, False for every other parameter."""
+    """requires_grad = True for the adapters' "lora_" parameters, False for every other one: W0 is frozen (§4.1)."""
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
 
 
 def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Give every target of `config` a LoRALinear (in place) and freeze everything else; returns `model`."""
+    """Give every target of `config` a LoRALinear (in place) and freeze everything else; returns `model`. (The
+    paper adapts W_q and W_v, LoRA §4.2; peft's default targets do the same.)"""
     for name in find_target_modules(model, config.target_modules):
         layer = LoRALinear(model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
                            config.init)

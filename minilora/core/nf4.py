@@ -72,7 +72,7 @@ def get_code(quant_type: str) -> torch.Tensor:
 
 
 def code_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(midpoints, order): the bounds of nearest-level rounding.
+    """(midpoints, order): the bounds of nearest-level rounding (the round() of QLoRA eq. 1).
 
     `order[j]` is the pattern of the j-th smallest level (a stable sort), and the bound between neighbours is
     their float32 midpoint. A value v rounds to sorted position j = the number of midpoints strictly below v,
@@ -126,7 +126,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
 
 def dequantize_4bit(packed, absmax, shape, blocksize: int = 64, quant_type: str = "nf4",
                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Ŵ_i = code[q_i] · absmax[i // blocksize], formed in float32 and rounded once to `dtype`, shaped `shape`."""
+    """Ŵ_i = code[q_i] · absmax[i // blocksize] (QLoRA eq. 2 per block), in float32, rounded once to `dtype`."""
     n = math.prod(shape)
     values = get_code(quant_type).to(packed.device)[unpack_4bit(packed, n).long()]
     scale = absmax.reshape(-1).repeat_interleave(blocksize)[:n]

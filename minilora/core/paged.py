@@ -46,7 +46,8 @@ def adamw_update_page(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, 
 
 
 class LRUPool:
-    """Which page sits in which of `capacity` slots (None: unbounded), least recently used first.
+    """Which page sits in which of `capacity` slots (None: unbounded), least recently used first (QLoRA §3, "Paged
+    Optimizers", lets the GPU driver page; here the pool decides).
 
     Pure bookkeeping, no tensors: the pool decides, the optimizer moves the bytes. Slots are created one by
     one until `capacity` exist; then admitting a page evicts the least recently used page not `pinned`.

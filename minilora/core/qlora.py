@@ -51,7 +51,8 @@ class MatMul4bit(torch.autograd.Function):
 
 
 class Linear4bit(nn.Module):
-    """A frozen Linear layer stored as NF4 codes with double-quantized constants, computed in `compute_dtype`.
+    """A frozen Linear layer stored as NF4 codes with double-quantized constants, computed in `compute_dtype`: the
+    first term of QLoRA eq. 5.
 
     The 4-bit tensors are buffers (`weight_packed`, `weight_qabsmax`, `weight_absmax2`, `weight_offset`): they
     move with .to(device) and are no parameters, so no optimizer touches them. The bias stays, frozen.
