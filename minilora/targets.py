@@ -14,7 +14,7 @@ that a config (or an adapter file) selects the same layers here as in peft:
 
 Everything here works on names and plain modules; minilora.bypass applies it to a model's layers
 (`selected_modules`, `find_target_modules`), minilora.lora_config checks a LoraConfig's fields with
-`check_names`. The rule for a list of names is minilora.core.lora's `is_target`.
+`check_names`. The rule for a list of names is minilora.core.lora's `is_target`. Read first: `matches`.
 """
 
 from __future__ import annotations
