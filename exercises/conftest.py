@@ -5,10 +5,14 @@ Every exercise test asks the `implementation` fixture for a module by its minilo
 on the command line (or with environment variables, handy for instructors' scripts):
 
     pytest exercises --impl=learner                  # exercises/learner/lora.py  (the default)
-    pytest exercises --impl=reference                # minilora/lora.py, the book's solution
+    pytest exercises --impl=reference                # minilora/core/lora.py, the book's solution
     pytest exercises --learner-dir=/path/to/student  # grade someone else's folder of stubs
 
     MINILORA_IMPL=reference  MINILORA_LEARNER_DIR=/path/to/student   (same, as variables)
+
+The reference of a chapter is its core file, minilora/core/<name>.py (the stub is that file with the bodies
+taken out); an exercise without a core file (LoRA's family, several adapters) is tested against the package's
+module minilora/<name>.py.
 """
 
 import importlib
@@ -27,7 +31,7 @@ def pytest_addoption(parser):
         "--impl",
         choices=("learner", "reference"),
         default=os.environ.get("MINILORA_IMPL", "learner"),
-        help="test the learner's stubs (default) or minilora's reference solution",
+        help="test the learner's stubs (default) or minilora's reference solution (minilora/core/)",
     )
     parser.addoption(
         "--learner-dir",
@@ -47,8 +51,15 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     impl = config.getoption("--impl")
-    where = "minilora (reference solution)" if impl == "reference" else config.getoption("--learner-dir")
+    where = "minilora/core (reference solution)" if impl == "reference" else config.getoption("--learner-dir")
     return f"minilora exercises: testing {where}"
+
+
+def reference_module(name: str):
+    """minilora.core.<name> where the chapter has a core file, else minilora.<name>."""
+    if importlib.util.find_spec(f"minilora.core.{name}") is not None:
+        return importlib.import_module(f"minilora.core.{name}")
+    return importlib.import_module(f"minilora.{name}")
 
 
 def _load_learner_module(folder: Path, name: str):
@@ -92,7 +103,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def implementation(request):
-    """`implementation("nf4")` -> the module under test (learner's file or minilora.nf4)."""
+    """`implementation("nf4")` -> the module under test (learner's file or minilora.core.nf4)."""
     impl = request.config.getoption("--impl")
     folder = Path(request.config.getoption("--learner-dir")).resolve()
     cache = {}
@@ -100,7 +111,7 @@ def implementation(request):
     def load(name: str):
         if name not in cache:
             if impl == "reference":
-                cache[name] = importlib.import_module(f"minilora.{name}")
+                cache[name] = reference_module(name)
             else:
                 cache[name] = _load_learner_module(folder, name)
         return cache[name]

@@ -1,21 +1,24 @@
 """minilora — LoRA, AdaLoRA and QLoRA built from scratch, one readable module per idea.
 
-The package is a house with floors; each module imports only from the floors below it:
+Each chapter's idea is one file in minilora/core/ (read it first: lora, adalora, nf4, double_quant, paged, qlora,
+memory), importing only torch; the modules below build the real package on it. The package is a house with
+floors; each module imports only from the floors below it, and the core is below them all:
 
+    core      lora, adalora, nf4, double_quant, paged, qlora, memory: one chapter each (minilora/core/__init__.py)
     floor 0   files       atomic file writes (temporary name, then rename)
               machine     where a number was measured (CPU capability, threads, versions); quiet log lines
               checks      the shared checks of public arguments (an integer, a number in a range, a choice)
-              codes       the 16 levels of NF4 (normal quantiles), FP4 and Int4; nearest-level bounds (ch. 3)
-              kernels     the fast 4-bit encode/decode beside nf4's references; cached tables (chapter 3)
+              codes       the 4-bit types by name, checked (their levels are core.nf4's)      (chapter 3)
+              kernels     the fast 4-bit encode/decode of core.nf4's steps; cached tables   (chapter 3)
               native      the optional compiled AVX2 decode (C++ compiled on first use), bit-exact (chapter 6)
               frozen_linear  a frozen base's matmul; its input gradient in the layout fast here (chapter 6)
               targets     peft's rules for which modules get an adapter, and with which rank (chapter 1)
+              page_pool   the paged optimizer's counters (its LRU pool is core.paged's)  (chapter 5)
               adapter_files  peft's adapter folder: file names, plain settings, strict reading
-    floor 1   bypass      what LoRA and AdaLoRA layers share, target matching, merging     (chapter 1)
-              nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
+    floor 1   bypass      what the package's bypass layers add to the core's; merging     (chapter 1)
+              nf4         core.nf4's quantize/dequantize, checked and in fast kernels     (chapter 3)
               architecture a Llama's shapes and exact parameter counts                    (chapter 7)
               measure     bytes measured on a real model: saved activations, held state    (chapter 7)
-              page_pool   which page leaves a full pool (LRU), paging counters            (chapter 5)
               loop        the one training step, sampler, evaluator and data class         (chapter 6)
               lora_config LoraConfig: which layers, which rank, what else trains (peft's options)
     floor 2   lora        the LoRA bypass h = W0 x + (α/r) B A x, several adapters, add_lora (chapter 1)

@@ -3,7 +3,10 @@
 For a Llama block in 16-bit compute with a memory-efficient attention kernel (`layer_activation_bytes`), for
 the whole model with or without gradient checkpointing (`activation_bytes`), and split into the parts callers
 compose (`activation_breakdown`). `minilora.measure.measure_saved_bytes` counts the same thing on a real model,
-and the tests compare the two byte for byte. Chapter 7, section 5, derives every term.
+and the tests compare the two byte for byte. Chapter 7, section 5, derives every term; for QLoRA's recipe the
+same count is the closed form of minilora/core/memory.py (`activation_bytes`), proven equal by tests/test_core.py.
+
+Read first: `layer_activation_bytes`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def layer_activation_bytes(config: Any, tokens: int, method: str = "qlora", targ
     """Bytes saved for backward by ONE Llama decoder block over `tokens` = batch x seq tokens (T below).
 
     Counted tensor by tensor (c = compute_bytes, 2 for bf16; h hidden, i intermediate, q = heads·head_dim,
-    kv = kv_heads·head_dim, a = heads):
+    kv = kv_heads·head_dim, n_h = heads):
 
     * each RMSNorm (2 per block) upcasts to fp32 and saves x in fp32 (4Th) and rsqrt of the variance (4T);
       full fine-tuning also saves the normalized 16-bit x for the norm weight's gradient (cTh).
@@ -33,11 +36,11 @@ def layer_activation_bytes(config: Any, tokens: int, method: str = "qlora", targ
       module). Then each adapted linear keeps adapter_bytes·T·d_in (+ mask).
     * LoRA: lora_B saves lora_A's output, adapter_bytes·T·r per adapted linear.
     * attention with a memory-efficient kernel (flash / SDPA, no T x T score matrix): q, k, v, output (c each)
-      and the fp32 log-sum-exp per head (4Ta). o_proj's input is the attention output, already saved.
+      and the fp32 log-sum-exp per head (4T·n_h). o_proj's input is the attention output, already saved.
     * the gated MLP saves the gate output (SiLU input), SiLU output and up output: 3cTi; down_proj's input
       (their product, cTi) is saved when down_proj is trained or adapted.
 
-    Full fine-tuning, dropout 0, q = h:  (20h + 4kv + 8i + 4a + 8)·T bytes in bf16.
+    Full fine-tuning, dropout 0, q = h:  (20h + 4kv + 8i + 4n_h + 8)·T bytes in bf16.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: allowed {list(METHODS)}")

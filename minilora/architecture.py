@@ -9,13 +9,19 @@ key/value heads, vocabulary V. From them this module counts, exactly:
   LlamaForCausalLM(config).parameters())` to the last parameter;
 * the trainable adapter parameters of LoRA and AdaLoRA at rank r (`lora_parameter_count`).
 
-Chapter 7 derives these counts; `minilora.memory` turns them into bytes.
+Chapter 7 derives these counts; `minilora.memory` turns them into bytes. The Llama-only counts (no biases, the
+seven linears, QLoRA's targets) are minilora/core/memory.py's; this file adds the presets, biases, other
+targets and the checks, and tests/test_core.py proves the two equal where both apply.
+
+Read first: `parameter_counts`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from minilora.core import memory as core
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -28,23 +34,12 @@ ADAPTER_METHODS = ("lora", "qlora", "adalora")
 # ------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Architecture:
-    """The integers of a Llama-style decoder that decide its size (names as in transformers' LlamaConfig)."""
+class Architecture(core.Architecture):
+    """The integers of a Llama-style decoder that decide its size (names as in transformers' LlamaConfig):
+    minilora.core.memory.Architecture's, plus whether the block linears have biases (Llama's have none)."""
 
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
     attention_bias: bool = False
     mlp_bias: bool = False
-
-    @property
-    def d_head(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
     def q_dim(self) -> int:
@@ -122,13 +117,8 @@ def architecture(model: Any) -> Architecture:
 # ------------------------------------------------------------------------------------------------------------
 
 def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of the seven linear layers in one decoder block."""
-    a = architecture(config)
-    h, i = a.hidden_size, a.intermediate_size
-    return {
-        "q_proj": (a.q_dim, h), "k_proj": (a.kv_dim, h), "v_proj": (a.kv_dim, h), "o_proj": (h, a.q_dim),
-        "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-    }
+    """(out_features, in_features) of the seven linear layers in one decoder block (the core's)."""
+    return core.linear_shapes(architecture(config))
 
 
 def _bias_count(a: Architecture) -> dict[str, int]:
@@ -141,23 +131,18 @@ def _bias_count(a: Architecture) -> dict[str, int]:
 
 def parameter_counts(config: Any) -> dict[str, int]:
     """Exact parameter count of a Llama-style causal LM, split into the parts the memory model treats
-    differently.
+    differently: minilora.core.memory.parameter_counts, plus the block linears' biases if the config has them.
 
-    Per block: the seven linears (d_out x d_in each, plus biases if the config has them) and two RMSNorm
-    weights (h each). Around the blocks: the token embedding (V x h), the final norm (h) and lm_head (V x h,
-    absent when tied to the embedding - tied weights are one tensor and counted once, as `model.parameters()`
-    does).
+    Per block: the seven linears (d_out x d_in each, plus biases) and two RMSNorm weights (h each). Around the
+    blocks: the token embedding (V x h), the final norm (h) and lm_head (V x h, absent when tied to the
+    embedding - tied weights are one tensor and counted once, as `model.parameters()` does).
 
     Returns {"linear": ..., "embedding": ..., "lm_head": ..., "norm": ..., "total": ...}.
     """
     a = architecture(config)
-    per_block_linear = sum(o * k for o, k in linear_shapes(a).values()) + sum(_bias_count(a).values())
-    linear = a.num_hidden_layers * per_block_linear
-    embedding = a.vocab_size * a.hidden_size
-    lm_head = 0 if a.tie_word_embeddings else a.vocab_size * a.hidden_size
-    norm = (2 * a.num_hidden_layers + 1) * a.hidden_size
-    return {"linear": linear, "embedding": embedding, "lm_head": lm_head, "norm": norm,
-            "total": linear + embedding + lm_head + norm}
+    counts = core.parameter_counts(a)
+    biases = a.num_hidden_layers * sum(_bias_count(a).values())
+    return {**counts, "linear": counts["linear"] + biases, "total": counts["total"] + biases}
 
 
 def count_parameter_tensors(config: Any) -> int:
@@ -186,15 +171,7 @@ def resolve_targets(target: str | list[str] | tuple[str, ...]) -> tuple[str, ...
 def lora_parameter_count(config: Any, r: int, target: Any = "all-linear", method: str = "lora") -> int:
     """Trainable adapter parameters: Σ over adapted (d_out x d_in) linears of r·(d_in + d_out)  (A is r x
     d_in, B is d_out x r); AdaLoRA's P Λ Q adds the r singular values Λ: r·(d_in + d_out) + r, counted at
-    init_r."""
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"r={r!r}: the rank must be a positive integer")
+    init_r. minilora.core.memory.lora_parameter_count, for any `resolve_targets` target."""
     if method not in ADAPTER_METHODS:
         raise ValueError(f"method={method!r}: adapters exist for 'lora', 'qlora' and 'adalora'")
-    a = architecture(config)
-    shapes = linear_shapes(a)
-    extra = r if method == "adalora" else 0
-    per_block = sum(r * (d_in + d_out) + extra for name, (d_out, d_in) in shapes.items()
-                    if name in resolve_targets(target))
-    return a.num_hidden_layers * per_block
-
+    return core.lora_parameter_count(architecture(config), r, resolve_targets(target), method)

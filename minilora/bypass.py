@@ -1,12 +1,13 @@
-"""What every low-rank bypass shares — LoRA's (α/r) B A (minilora.lora) and AdaLoRA's P Λ Q
-(minilora.svd_adapter) — and which layers get one.
+"""What every production bypass layer adds to its core layer, and the whole-model operations they share.
 
-    h = base(x) + ΔW · dropout(x),      base frozen, ΔW low-rank and trainable
+The layers themselves are the core's (minilora/core/lora.py's LoRALinear, minilora/core/adalora.py's
+SVDLinear). The package's LoRA (minilora.lora) and AdaLoRA (minilora.svd_adapter) layers mix `LowRankLinear` in
+front of them: the frozen base's faster backward, an off switch, checked merging. Around the layers, for a
+whole model: which modules get a bypass (`selected_modules`, `find_target_modules`: peft's rules of
+minilora.targets applied to a model), putting them in all or nothing (`wrap_modules`), modules trained in full
+beside them (`ModulesToSave`), and folding every bypass back into a plain nn.Linear (`merge_lora`).
 
-`LowRankLinear` holds the frozen base, the dropout and merging (W0 ← W0 + ΔW); a subclass says what ΔW is.
-`find_target_modules` applies peft's target_modules rules, `wrap_modules` puts the new layers in (all or
-none), `merge_lora` folds every bypass back into a plain nn.Linear. minilora.lora exports all of these under
-the names chapter 1 teaches.
+Read first: `LowRankLinear`, then `find_target_modules`, `wrap_modules` and `merge_lora`.
 
 The base-layer protocol
 -----------------------
@@ -30,7 +31,8 @@ import warnings
 import torch
 from torch import nn
 
-from minilora.checks import check_bypass_options  # noqa: F401  (exported: the layers' shared check)
+from minilora.core import lora as core_lora
+from minilora.frozen_linear import frozen_linear
 from minilora.targets import (  # peft's rules for which modules, by name
     ALL_LINEAR,
     check_target_modules,
@@ -60,7 +62,7 @@ def is_linear_like(module: nn.Module) -> bool:
 def check_base(base: nn.Module) -> None:
     """Raise TypeError unless `base` can carry a bypass (an nn.Linear with a float weight, or the protocol)."""
     if not is_linear_like(base):
-        raise TypeError(f"base must be an nn.Linear (or follow the base-layer protocol of minilora.lora: "
+        raise TypeError(f"base must be an nn.Linear (or follow the base-layer protocol of minilora.bypass: "
                         f"in_features, out_features, bias, dequantized_weight(dtype)), "
                         f"got {type(base).__name__}")
     if isinstance(base, nn.Linear) and not base.weight.is_floating_point():
@@ -100,61 +102,38 @@ def warn_oversized_ranks(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 class LowRankLinear(nn.Module):
-    """What every bypass layer shares: a frozen `base`, dropout on the bypass input, and merging.
+    """What a production bypass layer adds to its core layer, mixed in first: `class LoRALinear(LowRankLinear,
+    core.LoRALinear)`. The core layer computes; this changes three things around it:
 
-    A subclass creates its trainable matrices (`new_matrix`) and says what they add to the weight
-    (`delta_weight`): LoRA's (α/r) B A below, AdaLoRA's P Λ Q in minilora.adalora. Merging then works the
-    same for both: W0 ← W0 + ΔW.
+    * the base's forward goes through `frozen_linear`: base(x), the same numbers, with the input gradient in
+      the layout that is fast on this CPU (minilora/frozen_linear.py);
+    * `disabled` turns the bypass off (disable_adapter(), or another adapter is active on the model);
+    * merging refuses a 4-bit base (merge_lora handles that), and safe_merge=True (peft's option) refuses a
+      merge that would write NaN or inf into the pretrained weight.
     """
 
-    def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float):
-        super().__init__()
-        check_base(base)
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.merged = False
-        self.disabled = False   # True: forward is the base alone (disable_adapter(), or another adapter is active)
+    disabled = False
 
-    def new_matrix(self, *shape: int) -> nn.Parameter:
-        """A trainable fp32 matrix on the base layer's device, whatever the base's dtype: the adapter is
-        small, and an optimizer updating bf16 numbers loses small steps to rounding (peft does the same)."""
-        return nn.Parameter(torch.zeros(*shape, device=_device_of(self.base), dtype=torch.float32))
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(self.base, x)
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW, the (out, in) matrix the bypass adds to W0; each layer defines its own (LoRA: s·B A)."""
-        raise TypeError(f"{type(self).__name__} has no delta_weight(): LowRankLinear is the part LoRALinear and "
-                        f"SVDLinear share, not a layer of its own")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_forward(x)
+        return super().forward(x)
 
     def merge(self, safe_merge: bool = False) -> None:
-        """W0 ← W0 + ΔW in place: afterwards forward is one plain matmul (zero extra latency).
-
-        safe_merge=True (peft's option) forms W0 + ΔW in a copy first and refuses it if any entry is NaN or
-        infinite, so a diverged adapter cannot destroy the pretrained weight; it costs one weight-sized copy.
+        """The core's W0 ← W0 + ΔW. safe_merge=True forms W0 + ΔW in a copy first and refuses it if any entry
+        is NaN or infinite, so a diverged adapter cannot destroy the pretrained weight (one weight-sized copy).
         """
-        if self.merged:
-            raise RuntimeError("merge(): this layer is already merged; call unmerge() first")
         weight = self._float_base_weight("merge")
-        delta = self.delta_weight().to(weight.dtype)
-        if safe_merge:
-            check_finite(weight + delta, "merge(safe_merge=True)")
-        with torch.no_grad():
-            weight += delta
-        self.merged = True
+        if safe_merge and not self.merged:
+            check_merged_finite(weight + self.delta_weight().to(weight.dtype), "merge(safe_merge=True)")
+        super().merge()
 
     def unmerge(self) -> None:
-        """W0 ← W0 − ΔW: back to separate base and bypass (exact up to float rounding)."""
-        if not self.merged:
-            raise RuntimeError("unmerge(): this layer is not merged")
-        weight = self._float_base_weight("unmerge")
-        with torch.no_grad():
-            weight -= self.delta_weight().to(weight.dtype)
-        self.merged = False
+        self._float_base_weight("unmerge")
+        super().unmerge()
 
     def _float_base_weight(self, what: str) -> torch.Tensor:
         if not isinstance(self.base, nn.Linear):
@@ -166,18 +145,12 @@ class LowRankLinear(nn.Module):
         return self.base.weight
 
 
-def check_finite(weight: torch.Tensor, what: str) -> None:
+def check_merged_finite(weight: torch.Tensor, what: str) -> None:
     """Raise ValueError if a merged weight holds NaN or ±inf (the adapter has diverged)."""
     bad = (~torch.isfinite(weight)).sum().item()
     if bad:
         raise ValueError(f"{what}: the merged weight would have {bad} non-finite value(s) (NaN or inf) of "
                          f"{weight.numel()}: the adapter has diverged. Nothing was merged; the base is unchanged.")
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,12 +214,11 @@ def find_target_modules(model: nn.Module, target_modules, **rules) -> list[str]:
 
 
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
-    """Put `new_module` where the submodule called `name` ("model.layers.0.self_attn.q_proj") was."""
+    """The core's replace_module, once `name` is known to exist (setattr would silently add a new attribute)."""
     parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not hasattr(parent, child_name):
+    if not hasattr(model.get_submodule(parent_name), child_name):
         raise ValueError(f"replace_module: {type(model).__name__} has no submodule named {name!r}")
-    setattr(parent, child_name, new_module)
+    core_lora.replace_module(model, name, new_module)
 
 
 class ModulesToSave(nn.Module):
@@ -339,7 +311,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, safe_merge: b
     if safe_merge:
         for name, layer in layers.items():
             if not layer.disabled and not layer.merged:
-                check_finite(_float_weight(layer.base) + layer.delta_weight().float(),
+                check_merged_finite(_float_weight(layer.base) + layer.delta_weight().float(),
                              f"merge_lora(safe_merge=True), layer {name!r}")
     dtype = dtype or _hidden_dtype(model)
     quantized = [name for name, layer in layers.items() if not isinstance(layer.base, nn.Linear)]

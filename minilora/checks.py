@@ -8,7 +8,9 @@ input the same way and none writes the check again (`isinstance(True, int)` is T
     check_number("lora_dropout", p, 0, 1, high_open=True)   ... a number in [0, 1), got ...
     check_choice("method", m, ("lora", "qlora"))  method must be one of ('lora', 'qlora'), got 'prefix'
 
-`name` is what the caller calls the argument: "r" for the Python API, "--r" for the command line.
+`name` is what the caller calls the argument: "r" for the Python API, "--r" for the command line. Each check
+runs once, where a value enters (a config, a public entry point); the layers and the core take what passed.
+Read first: `check_number`.
 """
 
 from __future__ import annotations

@@ -1,22 +1,15 @@
-"""Double quantization: quantizing the quantization constants (Dettmers et al., QLoRA, 2023, §3).
+"""Double quantization for real: minilora/core/double_quant.py's functions checked and cached, and
+`QuantizedWeight`, the container a 4-bit layer keeps (chapter 4).
 
-Blockwise 4-bit quantization (minilora.nf4) stores one float32 absmax per block of 64 weights, which costs
-32/64 = 0.5 bit per parameter on top of the 4 bits. Double quantization (DQ) stores those constants in 8 bits
-instead, themselves quantized blockwise (256 constants per second-level block) with the "dynamic" 8-bit map:
+The idea is minilora/core/double_quant.py: the first-level absmax constants, one per block of 64 weights,
+quantized blockwise again to 8 bits with the dynamic map (QLoRA §3), 0.373 bit per parameter saved. This file
+checks their arguments once (`double_quantize`, `double_dequantize`), keeps the map cached per device and
+compile-safe (`dynamic_map_on`), and holds one weight's bytes in `QuantizedWeight` (4-bit codes + constants,
+with or without DQ, a state_dict round trip, `to_bnb` to hand the same bytes to bitsandbytes, and a decode into
+a reused buffer). tests/test_core.py proves the functions equal to the core's bit for bit;
+tests/test_double_quant.py checks everything against bitsandbytes 0.50.
 
-    offset      = mean(absmax)                       one float32 for the whole tensor
-    absmax2_k   = max_{j in block k} |absmax_j - offset|     one float32 per 256 constants
-    qabsmax_j   = argmin_q | dynamic[q] - (absmax_j - offset) / absmax2_k |     8 bits each
-    absmax_j   ≈ dynamic[qabsmax_j] · absmax2_k + offset
-
-Cost per parameter at blocksize 64: 8/64 + 32/(64·256) = 0.127 bit instead of 0.5, so 4.127 bits in all:
-DQ saves 0.373 bit per parameter (not "about 0.5", as is often said). Subtracting the mean first matters:
-all absmax are positive, and centring them lets the signed 8-bit map use both of its halves.
-
-Reading order: `dynamic_map`, `double_quantize`, `double_dequantize`, then `QuantizedWeight`, the container
-Chapter 6's Linear4bit keeps (4-bit bytes + constants, with or without DQ, a state_dict round trip, and
-`to_bnb` to hand the same bytes to bitsandbytes). tests/test_double_quant.py checks everything against
-bitsandbytes 0.50.
+Read first: `QuantizedWeight.from_float`, then `QuantizedWeight.dequantize`.
 
 One deliberate difference: bitsandbytes' CPU 8-bit quantizer picks codes through a 65,536-entry lookup
 table, which is not always the nearest code (about 0.1-2 % of codes, depending on the data). We round to the
@@ -30,36 +23,13 @@ import math
 
 import torch
 
-from minilora.kernels import cached, one_intra_op_thread, scale_blocks, scratch
+from minilora.core import double_quant as core
+from minilora.core.double_quant import DQ_BLOCKSIZE, dynamic_map  # importable from here
+from minilora.kernels import all_finite, cached, one_intra_op_thread, scale_blocks, scratch
 from minilora.nf4 import check_quant_options, dequantize_4bit, get_code, quantize_4bit
 
-DQ_BLOCKSIZE = 256  # constants per second-level block, as in QLoRA and bitsandbytes
-
-
-# ----------------------------------------------------------------------------------------------------
-# The dynamic 8-bit map
-# ----------------------------------------------------------------------------------------------------
-
-
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed dynamic 8-bit map: 256 float32 levels in [-1, 1], sorted ascending.
-
-    Dynamic tree quantization (Dettmers, 2016): after the sign bit, the number of leading zero bits picks a
-    decade 10^(i-6) for i = 0..6, and the bits after the first 1 are a fraction with 2^i steps. Decade i thus
-    holds 2^i levels, the midpoints of linspace(0.1, 1, 2^i + 1) scaled by 10^(i-6) — fine resolution near
-    zero, coarse near ±1 — on both signs (2 · 127 levels), plus 0 and 1.0: 256 in all.
-
-    Built the way bitsandbytes builds it (float32 midpoints times a Python-float power of ten, in float32),
-    so every level is equal in bits to `bitsandbytes.functional.create_dynamic_map()`. Tensor operations
-    only (no `.tolist()`), so torch.compile can trace it without a graph break.
-    """
-    levels = [torch.tensor([0.0, 1.0])]
-    for i in range(7):
-        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2
-        decade = 10.0 ** (i - 6)
-        levels += [decade * means, -decade * means]
-    return torch.cat(levels).sort().values
+__all__ = ["DQ_BLOCKSIZE", "QuantizedWeight", "double_dequantize", "double_quantize", "dynamic_map",
+           "dynamic_map_on"]
 
 
 @torch.compiler.assume_constant_result  # traced: called once, eagerly, and its result embedded as a constant
@@ -84,40 +54,23 @@ def _check_dq_blocksize(blocksize) -> None:
 
 
 def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
-    """Quantize first-level constants to 8 bits: (qabsmax uint8, absmax2 float32, offset float32 scalar).
-
-    offset = mean(absmax); the centred constants are split into blocks of `blocksize`, each scaled by its
-    own absmax2 (max |absmax - offset| in the block, a last partial block allowed) and rounded to the nearest
-    level of `dynamic_map()`. Nearest is decided exactly (float64 distances, ties to the lower level), which
-    agrees with bitsandbytes' table-based rounding on the great majority of codes and is never worse.
-    """
+    """minilora.core.double_quant.double_quantize: (qabsmax uint8, absmax2 float32, offset float32 scalar), for
+    first-level constants as quantize_4bit makes them (float32, finite, >= 0, not empty)."""
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
         raise ValueError(f"absmax: expected a float32 tensor, got {getattr(absmax, 'dtype', type(absmax))}")
     if absmax.numel() == 0:
         raise ValueError("absmax: cannot double-quantize an empty tensor")
-    if not bool(torch.isfinite(absmax).all()):
+    if not bool(all_finite(absmax)):
         raise ValueError("absmax: contains NaN or Inf")
     if bool((absmax < 0).any()):  # max |x| is never negative: these are not quantize_4bit's constants
         raise ValueError(f"absmax: per-block constants are max |x| >= 0, got a minimum of {float(absmax.min())}")
     _check_dq_blocksize(blocksize)
-
-    values = absmax.reshape(-1)
-    offset = values.mean()
-    centered = values - offset
-    n = centered.numel()
-    blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(centered, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    absmax2 = padded.abs().amax(dim=1)  # zero padding never raises a block's max
-
-    code = dynamic_map_on(absmax.device).double()
-    midpoints = (code[:-1] + code[1:]) / 2  # exact in float64
-    scaled = centered.double() / absmax2.double().clamp(min=1e-38).repeat_interleave(blocksize)[:n]
-    qabsmax = torch.searchsorted(midpoints, scaled).to(torch.uint8)
-    return qabsmax, absmax2, offset
+    return core.double_quantize(absmax, blocksize)
 
 
 def double_dequantize(qabsmax, absmax2, offset, blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
-    """absmax_j = dynamic[qabsmax_j] · absmax2[j // blocksize] + offset, in float32 (as bitsandbytes)."""
+    """absmax_j = dynamic[qabsmax_j] · absmax2[j // blocksize] + offset, in float32: the core's formula, checked,
+    with the cached map and `kernels.scale_blocks` (the same products in a shape torch.compile gets right)."""
     if not isinstance(qabsmax, torch.Tensor) or qabsmax.dtype != torch.uint8:
         raise ValueError(f"qabsmax: expected a uint8 tensor, got {getattr(qabsmax, 'dtype', type(qabsmax))}")
     _check_dq_blocksize(blocksize)

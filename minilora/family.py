@@ -22,8 +22,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from minilora.bypass import check_finite
-from minilora.frozen_linear import frozen_linear
+from minilora.bypass import check_merged_finite
 from minilora.lora import LoraConfig, LoRALinear, add_lora, lora_layers, rslora_scaling
 
 __all__ = ["DoRALinear", "add_dora", "apply_rslora", "dora_layers", "loraplus_param_groups", "pissa_init_",
@@ -73,16 +72,15 @@ class DoRALinear(LoRALinear):
         through it, which saves the memory of differentiating a norm of an (out, in) matrix;
       - with dropout active, the whole adaptation (the magnitude's rescaling of W0 x too) sees the dropped
         input; without it (or in eval mode), the base output is reused, which saves one matmul.
-    A 4-bit base (minilora.lora's base-layer protocol) works: the norm needs only its `dequantized_weight`.
+    A 4-bit base (minilora.bypass's base-layer protocol) works: the norm needs only its `dequantized_weight`.
     """
 
     ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")   # one adapter: A, B and m
     USES_DORA = True
 
-    def new_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init: str,
-                    use_rslora: bool) -> None:
+    def create_adapter(self, r: int, lora_alpha: float, lora_dropout: float, init: str = "kaiming") -> None:
         """LoRA's fresh A and B, then m = ‖W0‖ per row (B = 0), so the layer starts at W0 x + b."""
-        super().new_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
+        super().create_adapter(r, lora_alpha, lora_dropout, init)
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
         self.merged_norm = None   # ‖W0 + s B A‖ at merge time, needed to undo the merge
 
@@ -98,7 +96,7 @@ class DoRALinear(LoRALinear):
         return torch.linalg.vector_norm(self.base_weight() + super().delta_weight(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = frozen_linear(self.base, x)  # W0 x + b
+        result = self.base_forward(x)  # W0 x + b
         if self.merged or self.disabled:
             return result
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)
@@ -126,7 +124,7 @@ class DoRALinear(LoRALinear):
         norm = self.weight_norm()
         delta = self.delta_weight().to(weight.dtype)
         if safe_merge:
-            check_finite(weight + delta, "merge(safe_merge=True)")
+            check_merged_finite(weight + delta, "merge(safe_merge=True)")
         with torch.no_grad():
             weight += delta
         self.merged_norm, self.merged = norm, True

@@ -1,7 +1,8 @@
 """y = x W^T + b with W and b frozen: the base layer's matmul, and ∂L/∂x in the layout that is fast here.
 
 Every bypass in this package sits on a frozen base: LoRA (minilora.lora), DoRA (minilora.family) and
-AdaLoRA (minilora.svd_adapter) over an `nn.Linear`, QLoRA over a 4-bit layer (minilora.qlora). From the base
+AdaLoRA (minilora.svd_adapter) over an `nn.Linear` (through minilora.bypass.LowRankLinear.base_forward), QLoRA
+over a 4-bit layer (minilora.qlora). From the base
 the backward pass needs one thing only, the input gradient
 
     ∂L/∂x = ∂L/∂y · W        (..., out) @ (out, in) -> (..., in)
@@ -9,13 +10,14 @@ the backward pass needs one thing only, the input gradient
 PyTorch's autograd computes it as `grad_output @ weight`. That is the right call on a GPU, in float32 and
 float64, and on CPUs with native bf16 matmuls (AVX512-BF16, AMX). On a CPU without them, a bf16 or fp16
 matmul in that layout falls to a slow generic kernel, while the same product written as
-`F.linear(grad_output, weight.t().contiguous())` runs in the fast one. Measured on a 2-core AVX2 CPU, one
-thread, 512 tokens, 512 x 512: 205 ms against 30 ms in bf16, 202 against 26 ms in fp16; the transposed copy
-itself takes under 1.2 ms. In float64 it is the other way round (9.9 against 15.2 ms). Both layouts
-accumulate in float32 and round once, so they agree to float32 summation order (tests/test_kernels.py).
+`F.linear(grad_output, weight.t().contiguous())` runs in the fast one, several times faster even with the
+transposed copy (in float64 it is the other way round; benchmarks/MEASUREMENTS.md). Both layouts accumulate in
+float32 and round once, so they agree to float32 summation order (tests/test_kernels.py, tests/test_core.py).
 
 In a LoRA step on such a CPU this backward is most of the time: peft's step on a bf16 34M Llama spends
 nearly all of it in `aten::mm`, and most of that in this product (chapter 6, "How fast").
+
+Read first: `frozen_linear`.
 """
 
 from __future__ import annotations

@@ -1,44 +1,38 @@
 """The fast kernels beside the readable ones: blockwise 4-bit encode and decode in cache-sized steps.
 
-minilora/nf4.py shows the algorithm in one piece (`quantize_4bit_reference`, `dequantize_4bit_reference`).
-This file runs the same arithmetic in a way that is fast on a CPU, and nothing else; tests/test_kernels.py
-proves every result equal to the references, bit for bit. It is on the ground floor: it imports nothing of
-ours, and the tables (16 levels, 256 byte pairs, midpoints) are handed in by nf4.py.
+minilora/core/nf4.py shows the algorithm in one piece (`quantize_4bit`, `dequantize_4bit`). This file runs the
+same arithmetic in a way that is fast on a CPU, and nothing else; tests/test_core.py and tests/test_kernels.py
+prove every result equal to the core's, bit for bit. It is on the ground floor: it imports nothing of ours, and
+the tables (16 levels, 256 byte pairs, midpoints) are handed in by minilora/nf4.py.
 
-Why it is shaped like this (measured on a 2-core AVX2 machine, 4096 x 4096 NF4 -> bf16; see
-benchmarks/results/):
+Read first: `decode_full_blocks`, then `encode_full_blocks`. Why they are shaped like this (the measurements
+behind each point are in benchmarks/MEASUREMENTS.md):
 
 1. Few, cheap passes over memory. A byte holds two 4-bit codes, so a 256-entry table of level *pairs*
    decodes a byte with one gather, instead of two shifts, two gathers and an interleave. The product
    level · absmax is formed in float32 in the gathered levels, then copied into the output dtype (one
-   rounding, as in the reference and in bitsandbytes). `torch.mul(..., out=bf16)` would do the same
-   through a hidden float32 temporary, and measured 25 % slower.
+   rounding, as in the core and in bitsandbytes); `torch.mul(..., out=bf16)` would go through a hidden float32
+   temporary and is slower.
 2. Steps of CHUNK_ELEMENTS values. Each step is a dozen or more Python-level torch calls (~2 us each), so
    a step must be large enough to hide that, and small enough that its temporaries stay in cache (a
-   whole-tensor version of the same ops is 2-3x slower: every temporary goes to RAM and back). Measured
-   on 4096 x 4096 bf16, one thread, best of 15 (5 for encode), steps of 32,768 / 65,536 / 131,072 /
-   262,144 values: decode into a new tensor 55.9 / 46.8 / 41.9 / 39.9 ms (38.0 with the int32 index
-   used here), encode 262 / 206 / 165 / 151 ms (two runs; 154 at 524,288).
+   whole-tensor version of the same ops is 2-3x slower: every temporary goes to RAM and back).
 3. No small parallel regions: every ATen op of a kernel, and of the checks around it, runs with one
-   intra-op thread (`one_intra_op_thread`). Opening a parallel region per op was the collapse measured
-   beside a busy process (issue 12: 47x slower than bitsandbytes): each of hundreds of regions waited
-   for a descheduled thread. Even the one `isfinite(absmax).all()` check, at 2 threads beside a busy
-   process, took 26 ms instead of 1 ms, and the decode after it lost 82 ms in all (most likely libgomp's
-   idle worker, which spins for a while after a region on the core that the decode needs).
-   Parallelism is ours instead, and coarse (`run_steps`): with torch.get_num_threads() = T > 1,
-   the caller and T - 1 worker threads take whole steps from one shared queue until none is left, so a
-   descheduled thread delays at most the step it holds, not half the tensor. The torch ops release the
-   GIL; the Python between them is ~10 % of a step. (The compiled decode of minilora.native applies the
-   same rule inside one parallel region of torch's own threads: its steps need no Python, and after any
-   parallel op torch's idle workers spin on the cores that threads of ours would need.)
+   intra-op thread (`one_intra_op_thread`). Opening a parallel region per op collapsed beside a busy process
+   (issue 12): each of hundreds of regions waited for a descheduled thread. Parallelism is ours instead, and
+   coarse (`run_steps`): with torch.get_num_threads() = T > 1, the caller and T - 1 worker threads take whole
+   steps from one shared queue until none is left, so a descheduled thread delays at most the step it holds,
+   not half the tensor. The torch ops release the GIL; the Python between them is ~10 % of a step. (The
+   compiled decode of minilora.native applies the same rule inside one parallel region of torch's own
+   threads: its steps need no Python, and after any parallel op torch's idle workers spin on the cores that
+   threads of ours would need.)
 4. On a GPU the opposite holds (each op is a kernel launch), so there a step is the whole tensor. Under
-   torch.compile nf4.py hands the compiler the reference formula instead, which it fuses into one loop.
+   torch.compile nf4.py hands the compiler the core's formula instead, which it fuses into one loop.
 5. No fresh output per call where it is safe: a newly allocated 4096 x 4096 bf16 tensor costs ~8,200 page
    faults, about as long as the decode itself. `scratch` keeps one buffer per (size, dtype, device,
    thread) for callers whose result never escapes (Linear4bit's forward and backward).
 
-Tables are built once per device and kept in `cached` (never rebuilt on the hot path; the old per-call
-rebuild cost ~0.3 ms per decode and stopped `torch.compile(fullgraph=True)` at a `.tolist()`).
+Tables are built once per device and kept in `cached` (never rebuilt on the hot path: a per-call rebuild
+cost a measurable share of each decode and stopped `torch.compile(fullgraph=True)` at a `.tolist()`).
 """
 
 from __future__ import annotations
@@ -51,11 +45,9 @@ from contextlib import contextmanager
 import torch
 
 CHUNK_ELEMENTS = 1 << 18  # values per step on a CPU, encode and decode (point 2): the fastest measured
-# The compiled decode (minilora.native) keeps no temporaries and hands out its steps in C++, so steps only
-# need to be few enough to hand out cheaply and many enough to share. Measured on 4096 x 4096 -> bf16 into a
-# buffer at 2 threads, medians of 15, steps of 2^18 / 2^19 / 2^20 / 2^21 / 2^22 values: 2.7 / 3.5 / 2.8 /
-# 2.8 / 2.9 ms (a bf16 copy_: 3.2 ms); beside a busy process 8.0 / 5.0 / 8.0 / 4.9 / 7.5 ms, one run each,
-# where the same setting moves by 3 ms between runs. None stands out; 2^20 is 16 steps of a 4096 x 4096.
+# The compiled decode (minilora.native) keeps no temporaries and hands out its steps in C++, so steps only need
+# to be few enough to hand out cheaply and many enough to share; 2^18 to 2^22 measured alike, and 2^20 is 16
+# steps of a 4096 x 4096.
 FUSED_STEP_ELEMENTS = 1 << 20
 
 _CACHE: dict = {}
@@ -109,8 +101,8 @@ def all_finite(x: torch.Tensor) -> torch.Tensor:
     """torch.isfinite(x).all(), with no parallel region (point 3: a check is a kernel too), in one pass.
 
     x holds a NaN or an Inf exactly when its smallest or its largest value is one (min and max propagate NaN,
-    and +-Inf is an extreme), so one `aminmax` pass suffices: 0.06 ms on the 262,144 absmax of a 4096 x 4096
-    weight, where isfinite(x).all() makes four passes and an 8-bit temporary, 0.8 ms (one thread, AVX2).
+    and +-Inf is an extreme), so one `aminmax` pass suffices, where isfinite(x).all() makes four passes and an
+    8-bit temporary (about 13x slower on the absmax of a 4096 x 4096 weight).
     """
     if x.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=x.device)

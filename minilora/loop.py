@@ -1,6 +1,8 @@
-"""The training loop the book teaches, in one place: examples, shuffled micro-batches, one optimizer step,
-evaluation. `minilora.data.finetune` (the notebooks), `minilora.train` (the command line) and
-scripts/qlora_7b.py (the 7B run) all train through `train_step`:
+"""The training loop for real: minilora/core/qlora.py's `train_step`, with everything a run needs around it.
+
+The idea is the core's train_step: the mean loss of grad_accum micro-batches, one backward each, the gradient
+norm clipped, one optimizer step. Here it is what minilora.data.finetune (the notebooks), minilora.train (the
+command line) and scripts/qlora_7b.py (the 7B run) all train through:
 
     for each of grad_accum micro-batches:   loss = model(**batch).loss (+ extra_loss, e.g. AdaLoRA's penalty)
                                              (loss / grad_accum).backward()
@@ -12,9 +14,10 @@ scripts/qlora_7b.py (the 7B run) all train through `train_step`:
 Several processes (minilora.distributed, under torchrun) share the same step through a `Job`: it says which
 micro-batches this process computes, when gradients are reduced, and how the optimizer reaches its shard.
 The `Job` here is the single process, where every one of those is the plain thing; minilora.distributed
-overrides the handful of methods for DDP and FSDP.
+overrides the handful of methods for DDP and FSDP. tests/test_core.py proves a single-process step equal to
+the core's.
 
-Reading order: `TokenData` (the one data class), `Batches` (the one sampler), `Job`, `train_step`,
+Read first: `train_step`; then `TokenData` (the one data class), `Batches` (the one sampler), `Job`,
 `evaluate` (the one evaluator), `Progress`.
 """
 

@@ -1,41 +1,29 @@
-"""LoRA: a frozen weight plus a trainable low-rank bypass (Hu et al., 2021).
+"""LoRA for real: the layer and `add_lora` of minilora/core/lora.py, with every peft option (chapter 1).
 
-A pretrained Linear layer computes h = W0 x with W0 of shape (d_out, d_in). Fine-tuning changes W0 by some ΔW;
-LoRA bets that ΔW has low rank and writes it as a product of two thin matrices:
+The idea, h = W0 x + (α/r) · B A x, is minilora/core/lora.py: read that first. This file is what the package
+uses, built on it:
 
-    h = W0 x + (α / r) · B A x,        A: (r, d_in),  B: (d_out, r),  r << min(d_in, d_out)      (LoRA eq. 3)
+    LoRALinear   core.LoRALinear, plus minilora.bypass.LowRankLinear (the frozen base's faster backward, an
+                 off switch, checked merging), several adapters per layer (chapter 1 §12) and rsLoRA's scale
+    add_lora     core's add_lora with peft's rules: which layers (minilora.targets), rank_pattern,
+                 modules_to_save, bias, adapters beside adapters; everything checked before anything changes
 
-W0 stays frozen; only A and B train, r · (d_in + d_out) numbers per layer instead of d_in · d_out. B starts at
-zero, so the wrapped model computes exactly what the pretrained one did until the first optimizer step.
-
-Reading order: `LoRALinear` (one layer; what every bypass shares, the frozen base, the dropout and merging, is
-minilora.bypass.LowRankLinear; a layer can hold several adapters, chapter 1 §12), then `add_lora` and
-`trainable_summary` for a whole model. What a config may ask for (which layers, which rank, what else
-trains: peft's options, §13) is `LoraConfig` in minilora.lora_config, exported here under the same name.
-The target-matching helpers (`find_target_modules`, `replace_module`, `mark_only_lora_trainable`) and
-`merge_lora` live in minilora.bypass, shared with AdaLoRA, and are exported here under the same names;
-peft's name rules themselves are minilora.targets.
-
-A base layer may be an `nn.Linear` or anything that follows the base-layer protocol of minilora.bypass (the
-4-bit `minilora.qlora.Linear4bit` does).
-
-Everything here mirrors peft 0.21 (initialisation, scaling, which modules a target pattern picks, the
-parameter-count line), and tests/test_lora.py checks it against peft number for number.
+Read first: `add_lora`. `count_parameters` and `trainable_summary` give peft's parameter-count line.
+tests/test_core.py proves LoRALinear and add_lora equal to the core's; tests/test_lora.py checks them against
+peft 0.21 number for number.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
-from minilora.bypass import (  # shared with AdaLoRA; exported from here too, as chapter 1 teaches them
+from minilora.bypass import (  # names callers import from here since chapter 1 (they live in minilora.bypass)
     ALL_LINEAR,
     LowRankLinear,
     ModulesToSave,
     check_base,
-    check_bypass_options,
     check_target_modules,
     find_target_modules,
     is_linear_like,
@@ -47,17 +35,16 @@ from minilora.bypass import (  # shared with AdaLoRA; exported from here too, as
     warn_oversized_ranks,
     wrap_modules,
 )
-from minilora.checks import check_choice
-from minilora.frozen_linear import frozen_linear
-from minilora.lora_config import BIAS_OPTIONS, INITS, LoraConfig, check_hyperparameters  # exported from here too
+from minilora.checks import check_bypass_options
+from minilora.core import lora as core
+from minilora.lora_config import BIAS_OPTIONS, INITS, LoraConfig, check_hyperparameters
 from minilora.targets import modules_to_save_names
 
 __all__ = ["ALL_LINEAR", "BIAS_OPTIONS", "INITS", "LowRankLinear", "LoRALinear", "LoraConfig", "ModulesToSave",
            "adapter_names", "add_lora", "check_base", "rslora_scaling",
            "check_hyperparameters", "check_target_modules", "count_parameters", "find_target_modules",
-           "is_linear_like", "lora_layers", "mark_only_lora_trainable", "merge_lora", "replace_module",
-           "selected_modules", "trainable_summary", "wrap_modules"]
-
+           "is_linear_like", "lora_layers", "mark_only_lora_trainable", "merge_lora", "modules_to_save_names",
+           "replace_module", "selected_modules", "trainable_summary", "wrap_modules"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,17 +64,18 @@ def rslora_scaling(lora_alpha: float, r: int) -> float:
     return lora_alpha / math.sqrt(r)
 
 
-class LoRALinear(LowRankLinear):
-    """h = base(x) + (α/r) · B A dropout(x), with `base` frozen and only A, B trainable (LoRA eq. 3).
+class LoRALinear(LowRankLinear, core.LoRALinear):
+    """minilora.core.lora.LoRALinear (h = base(x) + (α/r) · B A dropout(x)) with what the package needs besides.
 
-    `lora_A` is (r, in_features), `lora_B` is (out_features, r), `scaling` = lora_alpha / r (α/√r with
-    use_rslora). The adapter matrices live in float32 on the base layer's device, whatever the base's dtype.
-    The bypass runs in lora_A's dtype and the sum is cast back to the base output's dtype, so bf16 inputs work.
+    From minilora.bypass.LowRankLinear: the base's forward through `frozen_linear` (the same numbers, a faster
+    backward on some CPUs), `disabled` (the bypass off), merge(safe_merge) refused for a 4-bit base. Here: the
+    checks of the arguments (once: the core layer takes them as given), use_rslora (α/√r), and several adapters
+    (chapter 1 §12): the *active* one is in lora_A, lora_B, scaling, r, lora_alpha and lora_dropout, named
+    `adapter_name`; the others wait in `parked`, one small module each. Switching moves the tensors of two
+    adapters (no copy), so forward reads exactly as it does with one adapter.
 
-    Several adapters (chapter 1, "Several adapters on one model"): the *active* adapter is the one in
-    lora_A, lora_B, scaling, r, lora_alpha and lora_dropout, named `adapter_name`; the others wait in
-    `parked`, one small module each. Switching moves the tensors of two adapters (no copy), so forward
-    reads exactly as it does with one adapter. `disabled` turns the bypass off.
+    The base may be an nn.Linear or anything that follows the base-layer protocol of minilora.bypass (the
+    4-bit minilora.qlora.Linear4bit does).
     """
 
     ADAPTER_TENSORS = ("lora_A", "lora_B")   # one adapter's parameters (DoRA adds its magnitudes)
@@ -96,51 +84,24 @@ class LoRALinear(LowRankLinear):
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, adapter_name: str = "default"):
+        check_base(base)
         check_hyperparameters(r, lora_alpha, lora_dropout, init)
-        super().__init__(base, r, lora_alpha, lora_dropout)   # checks the base, freezes it
-        self.parked = nn.ModuleDict()
-        self.new_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
-        self.train(base.training)   # a new module starts in training mode; follow the model it joins instead
+        super().__init__(base, r, lora_alpha, lora_dropout, init)
+        self.parked = nn.ModuleDict().train(self.training)
+        self.name_adapter(adapter_name, use_rslora)
 
     def new_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init: str,
                     use_rslora: bool) -> None:
         """Fresh A and B (and settings) in the active slot; the caller has parked what was there."""
-        check_hyperparameters(r, lora_alpha, lora_dropout, init)
-        self.adapter_name, self.r, self.lora_alpha = adapter_name, r, lora_alpha
-        self.scaling = rslora_scaling(lora_alpha, r) if use_rslora else lora_alpha / r
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.create_adapter(r, lora_alpha, lora_dropout, init)
         self.lora_dropout.train(self.training)   # a new module starts in training mode; follow the layer's
-        self.lora_A = self.new_matrix(r, self.in_features)
-        self.lora_B = self.new_matrix(self.out_features, r)
-        self.reset_lora_parameters(init)
+        self.name_adapter(adapter_name, use_rslora)
 
-    def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """A random, B = 0: then B A = 0 and the model starts exactly where the pretrained one was.
-
-        "kaiming": A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), the default init of an nn.Linear (kaiming_uniform_ with
-        a = sqrt(5)); "gaussian": A ~ N(0, σ²) with σ = 1/r (peft's "gaussian": standard deviation 1/r).
-        A must not also be zero: with A = B = 0 both gradients vanish and nothing ever trains.
-        """
-        check_choice("init", init, INITS)
-        with torch.no_grad():
-            if init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            else:
-                nn.init.normal_(self.lora_A, mean=0.0, std=1.0 / self.r)
-            self.lora_B.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = frozen_linear(self.base, x)  # = self.base(x); see minilora/frozen_linear.py
-        if self.merged or self.disabled:  # ΔW already sits inside the base weight, or the bypass is off
-            return result
-        x_lora = self.lora_dropout(x).to(self.lora_A.dtype)
-        # Two thin matmuls, (x A^T) B^T: the (out, in) matrix B A is never formed.
-        update = (x_lora @ self.lora_A.T) @ self.lora_B.T * self.scaling
-        return (result + update).to(result.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = (α/r) · B A, shape (out_features, in_features), in the adapter's dtype."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+    def name_adapter(self, adapter_name: str, use_rslora: bool) -> None:
+        """Name the active adapter; with use_rslora, scale it by rsLoRA's α/√r (`rslora_scaling`) instead of α/r."""
+        self.adapter_name = adapter_name
+        if use_rslora:
+            self.scaling = self.lora_alpha / math.sqrt(self.r)
 
     # -- several adapters: park the active one, bring another out ------------------------------------
 
@@ -220,7 +181,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     check_adapter_name(adapter_name)
     existing = lora_layers(model)
     if existing:
-        check_beside(model, config, adapter_name, existing, layer_class)
+        check_second_adapter(model, config, adapter_name, existing, layer_class)
     names = find_target_modules(model, config.target_modules, **config.rules())
     ranks = {name: config.rank_and_alpha(name) for name in names}
     to_save = modules_to_save_names(model, config.modules_to_save)
@@ -254,7 +215,7 @@ def check_adapter_name(adapter_name) -> None:
                          f"nn.ModuleDict (such as 'keys' or 'training'), got adapter_name={adapter_name!r}")
 
 
-def check_beside(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict, layer_class) -> None:
+def check_second_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, existing: dict, layer_class) -> None:
     """A second adapter can go beside the first unless it would be ambiguous what trains or what is saved:
     biases and modules trained in full belong to one adapter only (peft refuses several adapters with
     bias too), and one layer holds one kind of adapter (LoRA or DoRA)."""
@@ -306,9 +267,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; named_parameters() yields a tied weight only once.
 
-    A quantized base (the protocol above) keeps its 4-bit codes in buffers, not parameters; it is counted as
-    the in_features x out_features weight it stands for, which is also what peft reports for bitsandbytes'
-    4-bit layers (it doubles the numel of their packed uint8 storage).
+    A quantized base (the base-layer protocol of minilora.bypass) keeps its 4-bit codes in buffers, not
+    parameters; it is counted as the in_features x out_features weight it stands for, which is also what peft
+    reports for bitsandbytes' 4-bit layers (it doubles the numel of their packed uint8 storage).
     """
     trainable = total = 0
     for _, param in model.named_parameters():

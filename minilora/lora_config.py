@@ -1,10 +1,12 @@
 """Which layers get a LoRA bypass, with which rank, and what else trains: `LoraConfig`, peft's options.
 
-minilora.lora builds the layers (`LoRALinear`) and puts them into a model (`add_lora`); this file says what a
-config may ask for and checks it, before any model is touched. Its fields and defaults are peft 0.21's
-`LoraConfig`, under the same names, so that a config (or an adapter_config.json) means the same in both
-libraries. The name rules behind target_modules, exclude_modules, layers_to_transform and rank_pattern are
-minilora.targets; chapter 1 §13 has the table.
+minilora/core/lora.py's LoraConfig holds what the idea needs (r, α, dropout, target_modules, init); this one
+adds peft's options and checks every field once, before any model is touched (the layers below take the
+numbers as given). Its fields and defaults are peft 0.21's `LoraConfig`, under the same names, so that a config
+(or an adapter_config.json) means the same in both libraries. The name rules behind target_modules,
+exclude_modules, layers_to_transform and rank_pattern are minilora.targets; chapter 1 §13 has the table.
+
+Read first: `LoraConfig`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from minilora.checks import check_bypass_options, check_choice, check_int, check_number
+from minilora.core import lora as core
 from minilora.targets import check_names, check_target_modules, is_index, pattern_value
 
 INITS = ("kaiming", "gaussian")
@@ -25,7 +28,7 @@ def check_hyperparameters(r, lora_alpha, lora_dropout, init) -> None:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(core.LoraConfig):
     """Which layers get a bypass, with which rank, and what else trains; defaults and meaning as peft's.
 
     target_modules, as in peft:
@@ -34,18 +37,14 @@ class LoraConfig:
       - a str: a regular expression that must match the *whole* module name (re.fullmatch);
       - "all-linear": every Linear layer except the output head.
     exclude_modules (same two forms) and modules_to_save take modules away; layers_to_transform keeps only
-    the blocks with those indices (layers_pattern names the block list, e.g. "layers"; minilora.bypass.
+    the blocks with those indices (layers_pattern names the block list, e.g. "layers"; minilora.targets.
     layer_index). rank_pattern / alpha_pattern give some modules another r / lora_alpha ({"v_proj": 16}: a
     regex matched against the end of the name). use_rslora scales by α/√r; use_dora builds DoRA layers
     (minilora.family.add_dora). bias: which biases train too ("none", "all", or "lora_only": those of the
     adapted layers). modules_to_save: modules trained in full beside the adapter (a classification head).
     """
 
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: str | tuple[str, ...] | list[str] = ("q_proj", "v_proj")
-    init: str = "kaiming"
+    # r, lora_alpha, lora_dropout, target_modules (here also a str) and init: minilora.core.lora.LoraConfig's
     use_rslora: bool = False
     use_dora: bool = False
     bias: str = "none"

@@ -1,9 +1,13 @@
-"""The memory model: how many bytes does fine-tuning a Llama-shaped model need, before we buy a GPU?
+"""The memory model for real: how many bytes does fine-tuning a Llama-shaped model need, before we buy a GPU?
 
-Chapter 7 derives every number here step by step. The model adds up seven kinds of bytes:
+Read first: `estimate` (chapter 7 derives every number step by step). It adds up seven kinds of bytes:
 
     total = base_weights + quant_constants + lora_params + gradients + optimizer_state
             + importance_scores + activations
+
+The idea, priced for QLoRA's recipe, is minilora/core/memory.py; this file prices every option (any target,
+dtype, optimizer, allocator, blocksize, dropout) and returns a `MemoryReport`. tests/test_core.py proves the two
+equal on the core's recipe.
 
 * Parameter counts are exact, read off the architecture (`minilora.architecture`).
 * Optimizer state is the bookkeeping AdamW keeps: two moments per trained parameter (plus a 4-byte step tensor
@@ -15,7 +19,7 @@ Chapter 7 derives every number here step by step. The model adds up seven kinds 
 What the model leaves out, on purpose: the CUDA context and kernels (~0.3-1 GB on a real GPU), allocator
 caching and fragmentation, transient buffers that live inside one operation (e.g. the gradient of the logits),
 and the tiny per-tensor code tables of the quantizer. Measured peaks on a GPU are therefore a little above
-`total`.
+`total`. FLOPs per token and MFU, for throughput, close the file.
 
 Units: everything is in bytes. `GB` is 10**9 bytes and `GiB` is 2**30 bytes; GPU memory is sold in GiB
 ("a 48 GB card" holds 48 GiB), so capacity checks compare against GiB.
@@ -37,6 +41,7 @@ from minilora.architecture import (
     parameter_counts,
     resolve_targets,
 )
+from minilora.core import memory as core
 
 GB = 10**9
 GiB = 2**30
@@ -46,12 +51,12 @@ OPTIMIZERS = ("adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
 ALLOCATORS = ("peft", "minilora")
 
 # ------------------------------------------------------------------------------------------------------------
-# 3. Bytes of stored weights: 16-bit, or NF4 with its quantization constants
+# 1. Bytes of stored weights: 16-bit, or NF4 with its quantization constants
 # ------------------------------------------------------------------------------------------------------------
 
 def quant_constant_bytes(numel: int, blocksize: int = 64, double_quant: bool = True,
                          dq_blocksize: int = 256) -> int:
-    """Bytes of the absmax constants of one 4-bit tensor of `numel` entries.
+    """Bytes of the absmax constants of one 4-bit tensor of `numel` entries (minilora.core.memory's).
 
     Without double quantization: one fp32 absmax per block of `blocksize` -> 4 bytes per block.
     With it (QLoRA §3): each absmax becomes an 8-bit code (1 byte per block), the codes of every
@@ -60,10 +65,7 @@ def quant_constant_bytes(numel: int, blocksize: int = 64, double_quant: bool = T
     """
     if blocksize < 1 or dq_blocksize < 1:
         raise ValueError(f"blocksize={blocksize}, dq_blocksize={dq_blocksize}: both must be positive")
-    blocks = math.ceil(numel / blocksize)
-    if not double_quant:
-        return 4 * blocks
-    return blocks + 4 * math.ceil(blocks / dq_blocksize) + 4
+    return core.quant_constant_bytes(numel, blocksize, double_quant, dq_blocksize)
 
 
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256) -> float:
@@ -90,7 +92,7 @@ def quantized_weight_bytes(config: Any, blocksize: int = 64, double_quant: bool 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 4. Optimizer state
+# 2. Optimizer state
 # ------------------------------------------------------------------------------------------------------------
 
 def optimizer_state_bytes(num_params: int, num_tensors: int, optimizer: str = "adamw", param_bytes: int = 4,
@@ -113,20 +115,14 @@ def optimizer_state_bytes(num_params: int, num_tensors: int, optimizer: str = "a
         raise ValueError(f"optimizer={optimizer!r}: allowed {list(OPTIMIZERS)}")
     if num_params < 0 or num_tensors < 0:
         raise ValueError(f"num_params={num_params}, num_tensors={num_tensors}: counts must be >= 0")
-    master = 4 * num_params if master_weights else 0
-    if optimizer == "sgd":
-        return master
-    if optimizer == "adamw":
-        moment_bytes = 4 if master_weights else param_bytes
-        return master + 2 * moment_bytes * num_params + 4 * num_tensors
-    if optimizer == "paged_adamw":
-        return master + 8 * num_params
-    blocks = math.ceil(num_params / block_size_8bit)
-    return master + 2 * num_params + 2 * 4 * blocks
+    if optimizer.endswith("8bit"):
+        blocks = math.ceil(num_params / block_size_8bit)
+        return (4 * num_params if master_weights else 0) + 2 * num_params + 2 * 4 * blocks
+    return core.optimizer_state_bytes(num_params, num_tensors, optimizer, param_bytes, master_weights)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 5. AdaLoRA's importance scores
+# 3. AdaLoRA's importance scores
 # ------------------------------------------------------------------------------------------------------------
 
 def importance_score_bytes(num_trainable: int, num_modules: int, r: int, allocator: str = "peft",
@@ -150,7 +146,7 @@ def importance_score_bytes(num_trainable: int, num_modules: int, r: int, allocat
     return 2 * 4 * num_trainable + adapter_bytes * r * num_modules
 
 # ------------------------------------------------------------------------------------------------------------
-# 6. The report
+# 4. The report and the estimate
 # ------------------------------------------------------------------------------------------------------------
 
 COMPONENTS = ("base_weights", "quant_constants", "lora_params", "gradients", "optimizer_state",
@@ -296,7 +292,7 @@ def estimate(model: Any, method: str = "qlora", r: int = 64, target: Any = "all-
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 7. Throughput: FLOPs per token and model FLOPs utilization
+# 5. Throughput: FLOPs per token and model FLOPs utilization
 # ------------------------------------------------------------------------------------------------------------
 
 def training_flops_per_token(num_parameters: int, method: str = "qlora",

@@ -1,8 +1,8 @@
 """An optional compiled decode for CPUs with AVX2: the same numbers as the eager kernel, at memory speed.
 
 minilora.kernels decodes in eager PyTorch: per step an index, a gather, a float32 multiply and a rounding
-copy, four passes over memory at about 1 ns per value on a 2-core AVX2 CPU, where a bf16 copy of the output
-needs about 0.3 ns (chapter 6, "How fast"). One fused loop closes the gap, with one observation: a block
+copy, four passes over memory, about three times what a bf16 copy of the output needs (chapter 6, "How fast";
+benchmarks/MEASUREMENTS.md). One fused loop closes the gap, with one observation: a block
 has only 16 possible outputs, level[c] * absmax for c = 0..15. So, per block of `blocksize` values,
 
     1. form those 16 products in float32 (two 8-lane multiplies, one IEEE multiply each, exactly as
@@ -20,12 +20,12 @@ multiply by absmax.
 The steps run on torch's own intra-op threads (one `at::parallel_for` region per decode, in which each
 thread takes the next undone step until none is left), not on threads of ours: after any parallel op,
 torch's OpenMP workers keep spinning for a while on the cores, and a thread of ours beside them got half a
-core. Measured on 4096 x 4096 -> bf16 into a buffer at 2 threads, right after a 2-thread `copy_`: 6.5 ms on
-our own worker thread, against 3.5 ms when nothing ran before it.
+core (benchmarks/MEASUREMENTS.md).
 
 Every output is one IEEE multiply and one rounding, the same as in the eager kernel, so the result is
-equal bit for bit (tests/test_kernels.py compares it with nf4's reference for every dtype, blocksize and
-length). The values are finite: absmax is checked before decoding and |level| <= 1.
+equal bit for bit (tests/test_kernels.py and tests/test_core.py compare it with minilora/core/nf4.py's
+dequantize_4bit for every dtype, blocksize and length). The values are finite: absmax is checked before
+decoding and |level| <= 1. Read first: `fused_decode`.
 
 It is optional and safe. The C++ below is compiled on first use with torch.utils.cpp_extension (g++ with
 OpenMP, whose runtime is then torch's own libgomp, already loaded; and ninja), cached by torch in

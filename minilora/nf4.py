@@ -1,24 +1,18 @@
-"""NF4: 4-bit NormalFloat codes and blockwise 4-bit quantization (Dettmers et al., QLoRA, 2023, §3).
+"""Blockwise 4-bit quantization for real: minilora/core/nf4.py's quantize_4bit and dequantize_4bit, checked,
+and run through fast kernels (chapter 3).
 
-A 4-bit weight format needs two things: 16 code values ("levels", minilora/codes.py, re-exported here) and a
-rule that maps every weight to one of them. QLoRA's rule is blockwise absmax scaling (QLoRA eq. 1, applied
-per block):
+The idea is minilora/core/nf4.py: the 16 levels (NF4 from normal quantiles, FP4, Int4), packing, and the
+whole algorithm in a dozen lines (QLoRA eq. 1 per block):
 
-    absmax_b = max_{i in block b} |W_i|            one float32 constant per `blocksize` consecutive weights
-    q_i      = argmin_j | code[j] - W_i / absmax_b |    the nearest of the 16 levels, stored in 4 bits
-    Ŵ_i      = code[q_i] · absmax_b                    dequantization
+    absmax_b = max_{i in block b} |W_i|,   q_i = argmin_j | code[j] − W_i / absmax_b |,   Ŵ_i = code[q_i] · absmax_b
 
-Dividing by absmax maps every block into [-1, 1]; the choice of the 16 levels in [-1, 1] decides how much is
-lost: NF4's normal quantiles, or the baselines FP4 and Int4 (minilora/codes.py explains each).
+This file is what the package uses. `quantize_4bit` and `dequantize_4bit` check their arguments once, then run
+the same steps through minilora/kernels.py (cache-sized steps, tables built once per device) and, where it
+compiles, minilora/native.py's AVX2 decode; tests/test_core.py proves every byte and value equal to the
+core's, and tests/test_nf4.py equal to bitsandbytes 0.50. `quantize_4bit_reference` and
+`dequantize_4bit_reference` are the core's functions behind the same checks.
 
-Everything here is byte-for-byte equal to bitsandbytes 0.50 (`bitsandbytes.functional.quantize_4bit` /
-`dequantize_4bit`), checked by tests/test_nf4.py. Reading order: minilora/codes.py first (`nf4_code`,
-`fp4_code`, `int4_code`, and nearest-level lookup, `code_midpoints`), then here the tables built from them,
-packing (`pack_4bit`, `unpack_4bit`), `quantize_4bit` and `dequantize_4bit`. The reference versions
-(`quantize_4bit_reference`, `dequantize_4bit_reference`) are the whole algorithm in a dozen lines;
-`quantize_4bit` and `dequantize_4bit` run the same steps through minilora/kernels.py (cache-sized steps,
-tables built once per device; why, and what it measured, is that file's docstring) and are tested to give
-identical bytes and values.
+Read first: `quantize_4bit`, then `dequantize_4bit`.
 
 Supported: blocksize a power of two from 32 to 4096 (exactly what bitsandbytes accepts), x of dtype
 float16, bfloat16, float32 or float64 (computed in float32, as bitsandbytes does), any shape, any length
@@ -33,18 +27,11 @@ from typing import NamedTuple
 import torch
 
 from minilora import native
-from minilora.codes import (  # the 16 levels; exported from here too, as chapter 3 teaches them with the rest
-    NF4_OFFSET,
-    QUANT_TYPES,
-    check_quant_type,
-    code_midpoints,
-    fp4_code,
-    get_code,
-    int4_code,
-    nf4_code,
-)
+from minilora.codes import QUANT_TYPES, check_quant_type, get_code
+from minilora.core import nf4 as core
+from minilora.core.nf4 import NF4_OFFSET, code_midpoints, fp4_code, int4_code, nf4_code  # importable from here
 from minilora.kernels import (
-    CHUNK_ELEMENTS,  # re-exported: tests size their inputs by it
+    CHUNK_ELEMENTS,  # importable from here: tests size their inputs by it
     all_finite,
     cached,
     count_midpoints_below,
@@ -55,7 +42,7 @@ from minilora.kernels import (
 
 __all__ = ["BLOCKSIZES", "CHUNK_ELEMENTS", "FLOAT_DTYPES", "NF4_OFFSET", "QUANT_TYPES", "Tables",
            "byte_pair_table", "check_blocksize", "check_finite", "check_input", "check_quant_options",
-           "check_quant_type", "check_quantize_args", "check_stored", "code_midpoints", "code_on",
+           "check_quant_type", "check_quantize_args", "check_dequantize_args", "code_midpoints", "code_on",
            "dequantize_4bit", "dequantize_4bit_reference", "fp4_code", "get_code", "int4_code", "nf4_code",
            "pack_4bit", "quantize_4bit", "quantize_4bit_reference", "tables", "unpack_4bit"]
 
@@ -112,31 +99,22 @@ def code_on(quant_type: str, device) -> torch.Tensor:
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit patterns (integers 0..15, any shape, read flat) into bytes: byte[k] = q[2k] << 4 | q[2k+1].
-
-    An odd count is padded with a 0 pattern in the last low nibble (`quantize_4bit` pads with the pattern of
-    the value 0 instead, like bitsandbytes). Returns a flat uint8 tensor of ceil(n/2) bytes.
-    """
+    """minilora.core.nf4.pack_4bit (byte[k] = q[2k] << 4 | q[2k+1]), for an integer tensor of patterns 0..15."""
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise ValueError(f"codes: expected an integer tensor of 4-bit patterns, got dtype {codes.dtype}")
-    q = codes.reshape(-1).to(torch.uint8)
-    if q.numel() and int(q.max()) > 15:
-        raise ValueError(f"codes: 4-bit patterns must be in 0..15, got a maximum of {int(q.max())}")
-    if q.numel() % 2:
-        q = torch.cat([q, q.new_zeros(1)])
-    return (q[0::2] << 4) | q[1::2]
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"codes: 4-bit patterns must be in 0..15, got a maximum of {int(codes.max())}")
+    return core.pack_4bit(codes)
 
 
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `pack_4bit`: the first `n` 4-bit patterns (uint8, flat) stored in `packed`."""
+    """minilora.core.nf4.unpack_4bit: the first `n` 4-bit patterns (uint8, flat) stored in `packed`."""
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed: expected dtype torch.uint8, got {packed.dtype}")
     if n < 0 or (n + 1) // 2 != packed.numel():
         raise ValueError(f"packed: {packed.numel()} bytes cannot hold n={n} 4-bit values "
                          f"(need exactly ceil(n/2) = {(n + 1) // 2})")
-    flat = packed.reshape(-1)
-    q = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)
-    return q[:n]
+    return core.unpack_4bit(packed, n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,7 +157,7 @@ def check_finite(absmax: torch.Tensor) -> None:
         raise ValueError("x: contains NaN or Inf (after conversion to float32); cannot quantize")
 
 
-def check_stored(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.Size:
+def check_dequantize_args(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.Size:
     check_quant_options(blocksize, quant_type)
     try:
         shape = torch.Size(shape)
@@ -209,35 +187,13 @@ def check_stored(packed, absmax, shape, blocksize, quant_type, dtype) -> torch.S
 
 
 def quantize_4bit_reference(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
-    """Blockwise 4-bit quantization in one piece, the algorithm as plainly as possible.
+    """minilora.core.nf4.quantize_4bit, the algorithm in one piece, behind `quantize_4bit`'s checks.
 
-    Same result as `quantize_4bit` (tests check byte equality); uses several float32 copies of x at once.
+    Same bytes as `quantize_4bit` (tests/test_core.py); uses several float32 copies of x at once.
     """
-    x = check_quantize_args(x, blocksize, quant_type)
-    midpoints, order = code_midpoints(get_code(quant_type).to(x.device))
-
-    values = x.reshape(-1).float()
-    n = values.numel()
-    full = n - n % blocksize
-
-    # Full blocks: absmax per block, then scale by its reciprocal (multiply, as bitsandbytes does).
-    blocks = values[:full].view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = [(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).reshape(-1)]
-    # A last partial block: bitsandbytes stores its absmax clamped to 1e-38 and divides (no reciprocal).
-    if full < n:
-        tail_absmax = values[full:].abs().amax().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_absmax.reshape(1)])
-        scaled.append(values[full:] / tail_absmax)
+    packed, absmax = core.quantize_4bit(check_quantize_args(x, blocksize, quant_type), blocksize, quant_type)
     check_finite(absmax)
-    scaled = torch.cat(scaled)
-
-    # Nearest level: count the midpoints strictly below each value (ties -> lower level), then map sorted
-    # position -> bit pattern. No clamp to [-1, 1] is needed: every midpoint lies inside (-1, 1).
-    if n % 2:
-        scaled = torch.cat([scaled, scaled.new_zeros(1)])  # pad with the pattern of 0, like bitsandbytes
-    q = order[torch.searchsorted(midpoints, scaled)]
-    return pack_4bit(q), absmax
+    return packed, absmax
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
@@ -251,10 +207,10 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     nibble; an odd n is padded with the pattern of 0), and absmax, float32, one per block (ceil(n/blocksize);
     a last partial block's absmax is clamped to at least 1e-38, as bitsandbytes stores it).
 
-    The same steps as `quantize_4bit_reference`, run by `kernels.encode_full_blocks` over steps of
+    The same steps as minilora.core.nf4.quantize_4bit, run by `kernels.encode_full_blocks` over steps of
     CHUNK_ELEMENTS values (so temporary float32 copies stay small: peak extra memory is the outputs plus a
     few chunks, plus one copy of x if x is not contiguous) and with `count_midpoints_below` in place of the
-    binary search. Tests check that both give the same bytes.
+    binary search. tests/test_core.py proves both give the same bytes.
     """
     x = check_quantize_args(x, blocksize, quant_type)
     table = tables(quant_type, x.device)  # tables and outputs live on x's device: CPU or GPU alike
@@ -264,15 +220,15 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
     encode_full_blocks(flat, full, blocksize, table.midpoints, table.pattern_of_position, packed, absmax)
-    if full < n:  # the last partial block: clamped absmax and true division (see quantize_4bit_reference)
-        tail = flat[full:].float()
+    if full < n:
+        tail = flat[full:].float()  # the core's last partial block: clamped absmax and true division
         absmax[-1] = tail.abs().amax().clamp(min=1e-38)
         scaled = tail / absmax[-1]
         if scaled.numel() % 2:
             scaled = torch.cat([scaled, scaled.new_zeros(1)])  # pad with the pattern of 0
         q = count_midpoints_below(scaled, table.midpoints).to(torch.uint8)
         pattern = table.pattern_of_position
-        packed[full // 2:] = pack_4bit(pattern[q.long()] if pattern is not None else q)
+        packed[full // 2:] = core.pack_4bit(pattern[q.long()] if pattern is not None else q)
     check_finite(absmax)
     return packed, absmax
 
@@ -283,12 +239,9 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
 
 
 def dequantize_4bit_reference(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype=torch.bfloat16):
-    """Ŵ = code[q] · absmax[block] in float32, cast to `dtype`: the plain version of `dequantize_4bit`."""
-    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
-    n = math.prod(shape)
-    values = get_code(quant_type).to(packed.device)[unpack_4bit(packed, n).long()]
-    scale = absmax.reshape(-1).repeat_interleave(blocksize)[:n]
-    return (values * scale).to(dtype).reshape(shape)
+    """minilora.core.nf4.dequantize_4bit (Ŵ = code[q] · absmax[block] in float32, cast to `dtype`), checked."""
+    shape = check_dequantize_args(packed, absmax, shape, blocksize, quant_type, dtype)
+    return core.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
 
 
 def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -315,10 +268,10 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
     torch.compile: the reference formula, which the compiler fuses into one loop (written with
     `kernels.scale_blocks`, which inductor compiles correctly; the NaN check is skipped there, it would
     break the graph: the constants were checked when they were made).
-    Tests check both equal `dequantize_4bit_reference` bit for bit.
+    tests/test_core.py proves both equal minilora.core.nf4.dequantize_4bit bit for bit.
     """
-    shape = check_stored(packed, absmax, shape, blocksize, quant_type, dtype)
-    if torch.compiler.is_compiling():  # the reference's formula, in blocks (see kernels.scale_blocks)
+    shape = check_dequantize_args(packed, absmax, shape, blocksize, quant_type, dtype)
+    if torch.compiler.is_compiling():  # the core's formula, in blocks (see kernels.scale_blocks)
         values = code_on(quant_type, packed.device)[unpack_4bit(packed, math.prod(shape)).long()]
         return scale_blocks(values, absmax.reshape(-1), blocksize).to(dtype).reshape(shape)
     finite = all_finite(absmax)  # e.g. a corrupted checkpoint: never decode into NaN weights

@@ -1,29 +1,22 @@
-"""Paged AdamW: optimizer state cut into fixed-size pages that move between host and device memory.
+"""Paged AdamW for real: minilora/core/paged.py's optimizer, with CUDA's pinned memory and streams, prefetch,
+counters and torch's state_dict (chapter 5).
 
-Full fine-tuning with Adam keeps two fp32 moments per parameter, m (exp_avg) and v (exp_avg_sq): 8 bytes per
-parameter on top of the weights and gradients. When that does not fit in device memory, the moments can live
-in a large *host store* and visit a small *device pool* only while their parameter is updated, exactly like
-virtual memory pages visit RAM:
+The idea is minilora/core/paged.py: AdamW's two fp32 moments cut into pages of `page_bytes` that visit a small
+device pool from a large host store, the least recently used page leaving when the pool is full, the update
+done page by page (`adamw_update_page`, elementwise). This file uses the core's `adamw_update_page` and
+`LRUPool` as they are, and adds what a real run needs:
 
-    page      a fixed block of `page_bytes`: the m and v of `page_bytes // 8` consecutive parameter elements
-    pool      at most `device_budget_bytes // page_bytes` page slots in device memory
-    page-in   copy a page host -> pool before its elements are updated (a miss)
-    page-out  when the pool is full, write the least recently used page back to the host and reuse its slot
-    new page  the first time a parameter is touched its pages are born zero-filled in the pool (no transfer)
+    on CUDA     the host store is pinned CPU memory and the pool GPU memory; copies run on a side stream
+    prefetch    while one chunk is updated, the next chunk's pages are brought into the slots that remain
+    pages       sized to the parameters (`page_bytes_for`); bf16/fp16 parameters updated in fp32
+    accounting  `stats` (minilora.page_pool.PagingStats): page-ins, page-outs, hits, bytes, one trace per step
+    resuming    `state_dict` / `load_state_dict` in torch.optim.AdamW's layout
+    checks      every argument, once, in the constructor
 
-AdamW is elementwise, so a parameter can be updated page by page: any budget of at least one page works, and
-a parameter larger than the whole pool is simply updated in several chunks. While one chunk is updated the
-pages of the next chunk (usually the next parameter) are prefetched into the pool slots that remain.
-
-On CUDA the host store is pinned CPU memory, the pool is GPU memory, transfers run on a side stream and the
-prefetch overlaps the update of the current chunk. On CPU both the host store and the pool are ordinary CPU
-memory: the same code runs (pages, LRU, write-back, prefetch order, accounting), the copies are synchronous,
-and nothing is saved; it is the mechanism, made visible and testable.
-
-Reading order: `adamw_update_page` (the maths), minilora.page_pool (`LRUPool`: which page to evict;
-`PagingStats`), then `PagedAdamW` (step -> chunks -> page-in / prefetch / update), `state_dict` / `load_state_dict`.
-The numerics are those of torch.optim.AdamW (foreach=False), operation for operation; tests/test_paged.py
-checks equality with it and with bitsandbytes.optim.PagedAdamW32bit.
+On CPU both the host store and the pool are ordinary CPU memory: the same code runs, and nothing is saved.
+Read first: `PagedAdamW.step`. The numerics are those of torch.optim.AdamW (foreach=False), operation for
+operation; tests/test_core.py proves this optimizer equal to the core's, tests/test_paged.py to torch.optim.AdamW
+and bitsandbytes.optim.PagedAdamW32bit.
 """
 
 from __future__ import annotations
@@ -34,7 +27,8 @@ import math
 import torch
 
 from minilora.checks import check_int, check_number
-from minilora.page_pool import LRUPool, PagingStats
+from minilora.core.paged import LRUPool, adamw_update_page  # the core's, used as they are (and importable here)
+from minilora.page_pool import PagingStats
 
 STATE_BYTES_PER_ELEMENT = 8  # fp32 exp_avg (4 bytes) + fp32 exp_avg_sq (4 bytes)
 DEFAULT_PAGE_BYTES = 2 * 2**20  # 2 MiB, the large-page size CUDA unified memory migrates at most
@@ -45,35 +39,6 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def adamw_state_bytes(params) -> int:
     """Bytes of AdamW state (two fp32 moments) for `params`: what plain AdamW keeps in device memory."""
     return sum(STATE_BYTES_PER_ELEMENT * p.numel() for p in params)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The maths: one AdamW step on one page
-# ----------------------------------------------------------------------------------------------------
-
-
-def adamw_update_page(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> None:
-    """One AdamW step, in place, on matching fp32 slices (Loshchilov & Hutter 2019, Algorithm 2):
-
-        θ ← θ · (1 − lr·λ)                                   decoupled weight decay
-        m ← β1·m + (1 − β1)·g                                first moment (written as a lerp)
-        v ← β2·v + (1 − β2)·g²                               second moment
-        θ ← θ − lr / (1 − β1^t) · m / (√v / √(1 − β2^t) + ε)  bias-corrected step
-
-    `step` is t, the number of this update (1 for the first). The operations and their order are those of
-    torch.optim.AdamW's single-tensor path, so every element rounds exactly as it would there. Every
-    operation is elementwise: updating a tensor slice by slice gives the same numbers as updating it whole,
-    which is what lets a parameter be updated one page at a time.
-    """
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 # ----------------------------------------------------------------------------------------------------

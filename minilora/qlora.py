@@ -1,40 +1,39 @@
-"""QLoRA: a frozen 4-bit base, computation in bf16, and a LoRA bypass on top (Dettmers et al., 2023).
+"""QLoRA for real: minilora/core/qlora.py's 4-bit layer and quantize_model, with every option, the fast
+decode, and what transformers models need for training (Dettmers et al., 2023; chapter 6).
 
-QLoRA fine-tunes a model whose weights are *stored* in 4 bits (NF4, Chapter 3, with double-quantized
-constants, Chapter 4) but *computed with* in 16 bits. One layer of a QLoRA model is (QLoRA eq. 5)
+The idea is minilora/core/qlora.py: weights *stored* in 4 bits (NF4 with double-quantized constants), *computed
+with* in bf16, and a LoRA bypass on top (QLoRA eq. 5)
 
     Y = X · doubleDequant(c1, c2, W_NF4)ᵀ + s · X L1 L2                    L1 L2 = (B A)ᵀ, s = α / r
 
-The first term is this file's `Linear4bit`: it holds only the packed codes and their constants and
-dequantizes them to `compute_dtype` inside every forward (and again inside every backward). The second term
-is Chapter 1's `minilora.lora.LoRALinear`, which accepts `Linear4bit` as its base because `Linear4bit`
-follows that file's base-layer protocol (in_features, out_features, bias, dequantized_weight(dtype)).
-
-Storage dtype vs compute dtype: the storage dtype (4-bit NF4 codes) decides memory; the compute dtype (bf16)
-decides the arithmetic. Nothing is ever multiplied in 4 bits.
-
-Reading order: `MatMul4bit` (the autograd Function: what it saves for backward and why), `Linear4bit` (one
-layer), `quantize_model` (a whole model, layer by layer) and `prepare_for_kbit_training` (freezing, fp32
-norms, gradient checkpointing). A QLoRA model is then
+The autograd Function `MatMul4bit` is the core's, with an input gradient in the layout that is fast here.
+`Linear4bit` keeps its weight in a minilora.double_quant.QuantizedWeight (any blocksize, NF4/FP4/Int4, with or
+without DQ), decodes it with minilora.nf4's fast kernels into a reused buffer, and follows the base-layer
+protocol of minilora.bypass, so that minilora.lora.LoRALinear accepts it as its base. `quantize_model` checks
+every weight before changing any layer (all or nothing); `prepare_for_kbit_training` freezes, casts norms to
+fp32 and turns on gradient checkpointing. A QLoRA model is then
 
     model = prepare_for_kbit_training(quantize_model(model))
     model = add_lora(model, LoraConfig(r=64, lora_alpha=16, target_modules="all-linear"))
 
-tests/test_qlora.py checks the layer against bitsandbytes' `Linear4bit` with peft's LoRA on top.
+Read first: `quantize_model`. tests/test_core.py proves MatMul4bit, Linear4bit and quantize_model equal to the
+core's; tests/test_qlora.py checks the layer against bitsandbytes' Linear4bit with peft's LoRA on top.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from minilora.core import qlora as core
+from minilora.core.lora import is_target
+from minilora.core.qlora import QuantizationReport, model_nbytes  # the core's, used as they are (and importable)
 from minilora.double_quant import QuantizedWeight
 from minilora.frozen_linear import input_gradient
+from minilora.kernels import all_finite
 from minilora.lora import replace_module
 from minilora.nf4 import check_input, check_quant_options
+from minilora.targets import output_head
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -44,35 +43,20 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ----------------------------------------------------------------------------------------------------
 
 
-class MatMul4bit(torch.autograd.Function):
-    """y = x Ŵᵀ + b with Ŵ = dequantize(W4), saving only the 4-bit W4 for backward.
-
-    Forward decodes the weight to x's dtype, does one matmul and lets the decoded copy go. Backward needs Ŵ
-    once more, for the input gradient ∂L/∂x = ∂L/∂y · Ŵ, and decodes it again instead of keeping it: keeping
-    it would store 16 bits per weight for every layer until backward, four times the 4-bit model itself.
-    (The double-quantized absmax is decoded again too, from 8 bits: keeping it in float32 between forward
-    and backward would hold 0.5 bit per weight for every layer, the very cost double quantization removes.)
-    No weight gradient is computed (the base is frozen; that is the point of LoRA). A bias gradient is
-    computed only if the bias requires one.
-
-    forward(x (..., in), qweight: QuantizedWeight of shape (out, in), bias (out,) or None) -> (..., out)
+class MatMul4bit(core.MatMul4bit):
+    """minilora.core.qlora.MatMul4bit (y = x Ŵᵀ + b, the 4-bit weight decoded in forward and again in backward,
+    nothing 16-bit kept), with the input gradient ∂L/∂y · Ŵ in the layout that is fast on this CPU
+    (minilora.frozen_linear). The double-quantized absmax is decoded again too, from 8 bits: keeping it in
+    float32 between forward and backward would hold 0.5 bit per weight for every layer, the very cost double
+    quantization removes.
     """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = qweight.dequantize(x.dtype)  # (out, in), dropped when forward returns
-        # The QuantizedWeight object is not a tensor input of the graph: keep it on ctx. It references the
-        # layer's existing 4-bit buffers; nothing is copied.
-        ctx.qweight = qweight
-        return F.linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the decoded weight may live in a reused buffer
     def backward(ctx, grad_output: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.qweight.dequantize(grad_output.dtype)  # decoded a second time
-            grad_x = input_gradient(grad_output, weight)  # minilora.frozen_linear
+            grad_x = input_gradient(grad_output, ctx.qweight.dequantize(grad_output.dtype))  # decoded again
         if ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         return grad_x, None, grad_bias
@@ -83,8 +67,8 @@ class MatMul4bit(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_quant_options(blocksize, double_quant, quant_type, compute_dtype) -> None:
-    check_quant_options(blocksize, quant_type)  # the one check of the format options, in nf4.py
+def check_linear4bit_options(blocksize, double_quant, quant_type, compute_dtype) -> None:
+    check_quant_options(blocksize, quant_type)
     if not isinstance(double_quant, bool):
         raise ValueError(f"double_quant must be True or False, got double_quant={double_quant!r}")
     if compute_dtype not in COMPUTE_DTYPES:
@@ -112,7 +96,7 @@ class Linear4bit(nn.Module):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
         if not base.weight.is_floating_point():
             raise TypeError(f"base weight must be a float tensor to quantize, got dtype={base.weight.dtype}")
-        _check_quant_options(blocksize, double_quant, quant_type, compute_dtype)
+        check_linear4bit_options(blocksize, double_quant, quant_type, compute_dtype)
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.blocksize = blocksize
@@ -187,43 +171,11 @@ class Linear4bit(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-def model_nbytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (a tensor shared by two modules counted once)."""
-    seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        key = (tensor.device, tensor.data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
-@dataclass
-class QuantizationReport:
-    """What `quantize_model` did: how many layers, and the model's bytes before and after."""
-
-    layers: int
-    bytes_before: int
-    bytes_after: int
-    linear_bytes_before: int  # the replaced nn.Linear layers alone
-    linear_bytes_after: int  # ... and their Linear4bit replacements
-
-    def __str__(self) -> str:
-        mb = 2**20
-        return (f"quantized {self.layers} Linear layers: {self.linear_bytes_before / mb:.2f} MiB -> "
-                f"{self.linear_bytes_after / mb:.2f} MiB; whole model {self.bytes_before / mb:.2f} MiB -> "
-                f"{self.bytes_after / mb:.2f} MiB")
-
-
-def _skipped(name: str, skip) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
 def _check_quantizable(name: str, weight: torch.Tensor) -> None:
     """What `quantize_4bit` would refuse in this layer's weight, as an error that names the layer."""
     try:
         check_input(weight)  # float dtype, not empty
-        if not bool(torch.isfinite(weight.detach().to(torch.float32)).all()):  # as the quantizer sees it
+        if not bool(all_finite(weight.detach().to(torch.float32))):  # as the quantizer sees it
             raise ValueError(f"x: contains NaN or Inf (after conversion to float32), dtype {weight.dtype}")
     except ValueError as err:
         raise ValueError(f"quantize_model: layer {name!r} cannot be quantized ({err}); "
@@ -243,12 +195,12 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     counts before and after are kept in `model.quantization_report` (a `QuantizationReport`) and printed
     if `verbose`.
     """
-    _check_quant_options(blocksize, double_quant, quant_type, compute_dtype)
+    check_linear4bit_options(blocksize, double_quant, quant_type, compute_dtype)
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise ValueError(f"skip must be a tuple/list of module names, got skip={skip!r}")
     # Names only: holding the modules themselves in a list would keep every old weight alive to the end.
     names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and not _skipped(name, skip)]
+             if isinstance(module, nn.Linear) and not is_target(name, skip)]
     if not names:
         raise ValueError(f"quantize_model: {type(model).__name__} has no nn.Linear layer outside "
                          f"skip={skip!r}")
@@ -294,8 +246,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     for module in model.modules():
         if type(module).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")):
             module.float()
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     if head_fp32 and head is None:
         raise ValueError(f"head_fp32=True: {type(model).__name__} has no output head "
                          f"(get_output_embeddings() returned nothing)")

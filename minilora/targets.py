@@ -13,7 +13,8 @@ that a config (or an adapter file) selects the same layers here as in peft:
     alpha_pattern        end of the name at a "." boundary
 
 Everything here works on names and plain modules; minilora.bypass applies it to a model's layers
-(`selected_modules`, `find_target_modules`), minilora.lora checks a LoraConfig's fields with `check_names`.
+(`selected_modules`, `find_target_modules`), minilora.lora_config checks a LoraConfig's fields with
+`check_names`. The rule for a list of names is minilora.core.lora's `is_target`. Read first: `matches`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import re
 
 from torch import nn
+
+from minilora.core.lora import is_target
 
 ALL_LINEAR = "all-linear"
 
@@ -41,10 +44,15 @@ def check_target_modules(target_modules) -> None:
                          f"'all-linear', got target_modules={target_modules!r}")
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head, as a transformers model names it (get_output_embeddings), or None."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    return get_head() if callable(get_head) else None
+
+
 def output_head_name(model: nn.Module) -> str | None:
     """The name of the output head ("lm_head" in causal LMs), which "all-linear" leaves alone."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     for name, module in model.named_modules():
         if head is not None and module is head:
             return name
@@ -54,9 +62,10 @@ def output_head_name(model: nn.Module) -> str | None:
 
 
 def matches(name: str, target_modules) -> bool:
+    """peft's rule: a str is a regex the whole name must match, a list names modules by `is_target`."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+    return is_target(name, target_modules)
 
 
 def layer_index(name: str, layers_pattern=None) -> int | None:

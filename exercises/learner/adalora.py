@@ -1,10 +1,11 @@
 """Exercise 2: the heart of AdaLoRA's rank allocator (Chapter 2, chapters/02-adalora.md).
 
-Fill in every body that raises NotImplementedError, then run
+This is minilora/core/adalora.py with the bodies of the allocator's four steps taken out. Fill in every body
+that raises NotImplementedError, then run
 
     .venv/bin/python -m pytest exercises/test_02_adalora.py            # against this file
 
-until everything passes. The book's solution is minilora/adalora.py; try without it first.
+until everything passes. The book's solution is minilora/core/adalora.py; try without it first.
 Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write the four steps the allocator repeats after every optimizer step:
@@ -12,11 +13,22 @@ You write the four steps the allocator repeats after every optimizer step:
     update_importance   the EMA of sensitivity |p ⊙ ∇p| and of its uncertainty
     triplet_score       one importance number per triplet (P column, Λ value, Q row)
     mask_to_budget      keep the best `budget` triplets over all layers, drop the rest
-Given (not part of the exercise): SVDLinear, RankAllocator and orthogonal_penalty in minilora.adalora.
-The tests also run your functions on a peft AdaLoRA model and compare with peft's own rank pattern.
+Given (imported from the core, not part of the exercise): AdaLoraConfig, SVDLinear, orthogonal_penalty and
+RankAllocator. The tests also run your functions on a peft AdaLoRA model and compare with peft's rank pattern.
 """
 
-import torch  # noqa: F401
+from __future__ import annotations
+
+import torch
+
+from minilora.core.adalora import (  # noqa: F401  (given)
+    INIT_STD,
+    KINDS,
+    AdaLoraConfig,
+    RankAllocator,
+    SVDLinear,
+    orthogonal_penalty,
+)
 
 
 def budget_schedule(step: int, init_budget: int, target_budget: int, tinit: int, tfinal: int,
@@ -28,8 +40,7 @@ def budget_schedule(step: int, init_budget: int, target_budget: int, tinit: int,
 
 
 def update_importance(param: torch.Tensor, grad: torch.Tensor, exp_avg_ipt: torch.Tensor,
-                      exp_avg_unc: torch.Tensor, beta1: float,
-                      beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      exp_avg_unc: torch.Tensor, beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the new (exp_avg_ipt, exp_avg_unc) after one step of the two EMAs."""
     raise NotImplementedError(
         "hint: sensitivity I = |param * grad|, then the two EMAs; the uncertainty uses the NEW smoothed "

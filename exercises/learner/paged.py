@@ -1,20 +1,25 @@
 """Exercise 5: the two ideas inside a paged optimizer (Chapter 5, chapters/05-paged-optimizers.md).
 
-Fill in every body that raises NotImplementedError, then run
+This is minilora/core/paged.py with the bodies of the update and of the pool's decisions taken out. Fill in
+every body that raises NotImplementedError, then run
 
     .venv/bin/python -m pytest exercises/test_05_paged.py            # against this file
 
-until everything passes. The book's solution is minilora/paged.py; try without it first.
+until everything passes. The book's solution is minilora/core/paged.py; try without it first.
 Stuck? The short hint in each stub is a start; longer hints and the answers are in exercises/ANSWERS.md.
 
 You write: `adamw_update_page` (the AdamW update of one page of elements, in place) and the three methods
 of `LRUPool` that decide which page leaves the device pool (`touch`, `victim`, `admit`).
-Given: LRUPool.__init__, __contains__ and __len__ (the bookkeeping layout your methods work on).
+Given: LRUPool.__init__, __contains__ and __len__ (the core's: the bookkeeping layout your methods work on), and
+the core's PagedAdamW, which strings the core's versions of both together.
 """
 
-from collections import OrderedDict
+from __future__ import annotations
 
 import torch  # noqa: F401  (the tensors you update are torch tensors; in-place ops end in _)
+
+from minilora.core import paged as core
+from minilora.core.paged import PagedAdamW  # noqa: F401  (given)
 
 
 def adamw_update_page(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -24,27 +29,15 @@ def adamw_update_page(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, 
         "the bias-corrected update (Chapter 5, 'The update'). Why is the correction needed at t = 1?")
 
 
-class LRUPool:
+class LRUPool(core.LRUPool):
     """Bookkeeping for a pool of `capacity` slots (None: unbounded): which page sits in which slot.
 
-    `slot_of` maps page -> slot and is ordered from least to most recently used (an OrderedDict: its
-    first key is the oldest, move_to_end(key) makes a key the newest). Slots are numbered 0, 1, 2, ... in
-    the order they are first needed (`num_slots` counts them); once `capacity` exist they are reused.
+    Given, from the core's LRUPool: `__init__(capacity)` sets `capacity`, `slot_of` and `num_slots`, and
+    `page in pool` and `len(pool)` work. `slot_of` maps page -> slot and is ordered from least to most recently
+    used (an OrderedDict: its first key is the oldest, move_to_end(key) makes a key the newest). Slots are
+    numbered 0, 1, 2, ... in the order they are first needed (`num_slots` counts them); once `capacity` exist
+    they are reused.
     """
-
-    def __init__(self, capacity: int | None):
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
-                                     or capacity < 1):
-            raise ValueError(f"capacity must be None or an integer >= 1 (pages), got capacity={capacity!r}")
-        self.capacity = capacity
-        self.slot_of: OrderedDict = OrderedDict()  # page -> slot, least recently used first
-        self.num_slots = 0  # slots created so far; never more than capacity
-
-    def __contains__(self, page) -> bool:
-        return page in self.slot_of
-
-    def __len__(self) -> int:
-        return len(self.slot_of)
 
     def touch(self, page) -> None:
         """Record a use of resident `page`: it becomes the most recently used."""
