@@ -116,8 +116,12 @@ def test_jsonl_training_scores_the_response_only(tmp_path):
     assert 0.0 <= result.final_eval["accuracy"] <= 1.0
 
 
+ADAPTER_ONLY = ("r", "lora_alpha", "lora_dropout")  # options --method full refuses (minilora.options)
+
+
 def _run(tmp_path, name, **options):
-    return train(QUICK, output_dir=str(tmp_path / name), **options)
+    quick = {k: v for k, v in QUICK.items() if options.get("method") != "full" or k not in ADAPTER_ONLY}
+    return train(quick, output_dir=str(tmp_path / name), **options)
 
 
 @pytest.mark.parametrize("method, optimizer", [("qlora", "paged_adamw"), ("adalora", "adamw"),
@@ -138,7 +142,7 @@ def test_resume_gives_exactly_the_uninterrupted_losses(tmp_path, method, optimiz
     interrupted = tmp_path / "interrupted"
     shutil.copytree(full.run_dir, interrupted)
     shutil.rmtree(interrupted / "checkpoint-6")
-    resumed = train(QUICK, output_dir=str(interrupted), resume=True, **options)
+    resumed = _run(tmp_path, "interrupted", resume=True, **options)
     assert resumed.losses == full.losses  # every step, to the last bit
     assert resumed.evals == full.evals
     assert read_metrics(interrupted / "metrics.csv") == \
@@ -152,8 +156,8 @@ def test_resume_gives_exactly_the_uninterrupted_losses(tmp_path, method, optimiz
         assert sum(int(m.rank_mask.sum()) for m in layers) == 2 * len(layers)  # pruned to target_r
     with pytest.raises(ValueError, match="already holds a run"):
         _run(tmp_path, "full", **options)
-    with pytest.raises(ValueError, match=r"options \['r'\] differ"):
-        train(QUICK, output_dir=str(interrupted), resume=True, **dict(options, r=options.get("r", 4) + 1))
+    with pytest.raises(ValueError, match=r"options \['seed'\] differ"):
+        _run(tmp_path, "interrupted", resume=True, **dict(options, seed=1))
 
 
 def test_qlora_learns_the_running_example(tmp_path):
@@ -203,7 +207,7 @@ def test_a_target_typo_is_an_error_and_creates_nothing(tmp_path):
 
 
 def test_resume_without_a_checkpoint_creates_no_folder(tmp_path):
-    with pytest.raises(ValueError, match="--resume: no checkpoint-<step> folder"):
+    with pytest.raises(ValueError, match="--resume: no complete checkpoint-<step> folder"):
         train(QUICK, output_dir=str(tmp_path / "run"), resume=True, max_steps=1)
     assert not (tmp_path / "run").exists()
 
