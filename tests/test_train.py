@@ -105,6 +105,25 @@ def test_bad_jsonl_line_is_named(tmp_path):
         train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
 
 
+def test_jsonl_errors_name_the_line_and_quote_little(tmp_path, capsys):
+    """A line that was not UTF-8 raised a bare UnicodeDecodeError (no file, no line); a 1 MB response with a
+    bad token was echoed whole to stderr; 100 000 nested brackets raised RecursionError."""
+    data = tmp_path / "train.jsonl"
+    good = '{"prompt": "<bos>abcd<sep>", "response": "bcde<eos>"}\n'
+    data.write_bytes(good.encode() + b'{"prompt": "<bos>ab\xff<sep>", "response": "bc<eos>"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: not UTF-8 text \(byte 0xff at offset 19\)"):
+        train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
+    data.write_text(good + "[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl:2: JSON nested too deeply"):
+        train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
+    for line in ('{"prompt": "<bos>a<sep>", "response": "' + "X" * 1_000_000 + '"}', "{" + "x" * 1_000_000):
+        data.write_text(good + line + "\n")
+        assert main(["--data", str(data), "--max-steps", "1", "--output-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert "train.jsonl" in err and len(err) < 1000
+    assert not (tmp_path / "run").exists()
+
+
 def test_jsonl_training_scores_the_response_only(tmp_path):
     records = [{"prompt": "<bos>abcd<sep>", "response": "bcde<eos>"},
                {"prompt": "<bos>ponmlkj<sep>", "response": "apon<eos>"}] * 8
