@@ -27,6 +27,7 @@ Reading order: the run folder (`check_run_dir`, `start_run_dir` and their helper
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -153,8 +154,9 @@ def start_run_dir(config) -> RunFolder:
     try:
         folder = RunFolder(run_dir, lock_run_dir(run_dir))
     except BaseException:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created:  # leave no empty folder behind; rmdir removes nothing another run has put there
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
         raise
     try:
         check_run_dir(config)  # again, under the lock: another run may have finished here meanwhile

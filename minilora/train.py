@@ -10,9 +10,10 @@ micro-batches → loss → backward → clip → optimizer step → AdaLoRA's al
 
 A run checks everything it can before it writes anything: the options, the run folder, the model and the
 method (a target that matches nothing, a rank too large for a layer), the data files. Then it creates the run
-folder (minilora.checkpoints) and trains. It ends with run_dir/adapter/, the trained adapter in peft's format
-(LoRA, QLoRA, AdaLoRA), and `--resume` continues a checkpointed run with exactly the losses the uninterrupted
-run would have had (tests/test_train.py checks equality).
+folder (minilora.checkpoints, which also says what the folder guarantees) and trains, holding a lock on the
+folder until it ends. It ends with run_dir/adapter/, the trained adapter in peft's format (LoRA, QLoRA,
+AdaLoRA), and `--resume` continues a checkpointed run with exactly the losses the uninterrupted run would have
+had (tests/test_train.py checks equality).
 
 On several GPUs the same loop runs under torchrun, one process per GPU (minilora.distributed: DDP, or FSDP
 sharding the adapter; the micro-batches are split among the processes, the losses are those of one process):
