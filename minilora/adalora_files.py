@@ -25,7 +25,9 @@ from minilora.adapter_files import (
     check_plain,
     check_tensors,
     shared_config_json,
+    target_modules_from_json,
 )
+from minilora.bypass import check_rank_fits
 from minilora.lora import find_target_modules, lora_layers, selected_modules
 from minilora.svd_adapter import AdaLoraConfig, add_adalora, svd_layers
 
@@ -71,12 +73,12 @@ def adalora_config_from_json(config_json: dict, config_file: Path) -> tuple[AdaL
     """(AdaLoraConfig, rank_pattern or None) from adapter_config.json; refuses what we do not implement."""
     check_plain(config_json, config_file, ("init_r", "lora_alpha", "target_modules", "total_step"), "AdaLoRA",
                 own=("rank_pattern",))   # AdaLoRA's own rank_pattern is read below
-    targets = config_json["target_modules"]
     schedule = {key: config_json[key] for key in ADALORA_SCHEDULE_FIELDS if key in config_json}
+    targets = target_modules_from_json(config_json, config_file)
     try:
         config = AdaLoraConfig(init_r=config_json["init_r"], lora_alpha=config_json["lora_alpha"],
                                lora_dropout=config_json.get("lora_dropout", 0.0),
-                               target_modules=targets if isinstance(targets, str) else tuple(targets),
+                               target_modules=targets,
                                **schedule)
     except ValueError as err:
         raise ValueError(f"{config_file}: {err}") from err
@@ -102,9 +104,11 @@ def load_adalora_state(model: nn.Module, config_json: dict, tensors: dict[str, t
     else:
         try:
             names = find_target_modules(model, config.target_modules)
+            for name in names:   # before anything of size init_r is built (init_r: 100000000 is 0.8 GB a list)
+                check_rank_fits(model.get_submodule(name), config.init_r)
         except (ValueError, TypeError) as err:
-            raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
-                            f"{type(model).__name__}: {err}") from err
+            raise type(err)(f"{config_file}: target_modules={config.target_modules!r}, init_r={config.init_r} "
+                            f"do not fit {type(model).__name__}: {err}") from err
 
     keep = {name: [True] * config.init_r for name in names}
     if rank_pattern is not None:

@@ -12,13 +12,18 @@ unknown ones, so an adapter saved under a wrong prefix "loads" and then does not
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+
+try:   # the regex parser Python's re uses (checked below before a file's regex is matched)
+    from re import _parser as sre_parse  # Python >= 3.11
+except ImportError:   # pragma: no cover - Python 3.10
+    import sre_parse
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -99,20 +104,95 @@ def check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
             raise ValueError(f"{weights_file}: key {key!r} has dtype {tensor.dtype}, expected a float dtype")
 
 
-def read_adapter_config(folder: Path) -> dict:
+def adapter_config_file(folder: Path) -> Path:
+    """folder/adapter_config.json; FileNotFoundError naming what is missing."""
     config_file = folder / CONFIG_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing (an adapter folder needs {CONFIG_NAME} "
                                 f"and {WEIGHTS_NAME})")
-    try:
-        config_json = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON (truncated or corrupt?): {err}") from err
+    return config_file
+
+
+def check_adapter_config(config_json, config_file: Path) -> dict:
+    """`config_json` (adapter_config.json, parsed) if it is a peft config whose regular expressions are cheap
+    to match (`check_pattern`); ValueError naming the file otherwise."""
     if not isinstance(config_json, dict) or "peft_type" not in config_json:
         raise ValueError(f"{config_file}: no 'peft_type' field; is this a peft adapter config?")
+    for label in ("target_modules", "exclude_modules"):   # a string is a regex on the whole name
+        if isinstance(config_json.get(label), str):
+            check_pattern(label, config_json[label], config_file)
+    for label in ("rank_pattern", "alpha_pattern"):       # every key is a regex on the end of the name
+        pattern = config_json.get(label)
+        for key in pattern if isinstance(pattern, dict) else ():
+            check_pattern(f"{label} key", key, config_file)
+    for label in ("modules_to_save", "layers_pattern"):   # names that peft puts into a regex
+        value = config_json.get(label)
+        for name in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+            if not isinstance(name, str) or not re.fullmatch(r"[\w.\-]{1,200}", name):
+                raise ValueError(f"{config_file}: {label} entries must be module names (letters, digits, '_', "
+                                 f"'.', '-'), got {repr(name)[:80]}")
     return config_json
+
+
+def target_modules_from_json(config_json: dict, config_file: Path) -> str | tuple[str, ...]:
+    """target_modules as a config takes it: a string (a regex, or "all-linear") or a tuple of names."""
+    targets = config_json["target_modules"]
+    if isinstance(targets, str):
+        return targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{config_file}: target_modules must be a list of module names or a regex string, "
+                         f"got {repr(targets)[:80]}")
+    return tuple(targets)
+
+
+# A regex from a file is matched against every module name, and Python's re backtracks: "(.*)*X" takes 2^n
+# steps on a name of n characters (peft, which matches the same way, hangs on it too), and k repeats in a
+# row take up to n^k. So a file's regex may repeat only single characters (".*", "[0-9]+", never a group),
+# at most MAX_REPEATS times, without backreferences, in at most MAX_PATTERN characters: matching stays
+# polynomial and small (4 repeats: about 0.05 s for the 224 linear layers of a 7B Llama, measured).
+MAX_PATTERN, MAX_REPEATS = 200, 4
+_REPEATS = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None)}
+_ONE_CHARACTER = {sre_parse.LITERAL, sre_parse.NOT_LITERAL, sre_parse.ANY, sre_parse.IN}
+
+
+def check_pattern(label: str, pattern: str, config_file: Path) -> None:
+    """ValueError unless `pattern` is a regex within the bounds above."""
+    where = f"{config_file}: {label} {pattern[:MAX_PATTERN]!r}{'...' if len(pattern) > MAX_PATTERN else ''}"
+    if len(pattern) > MAX_PATTERN:
+        raise ValueError(f"{where}: a regex from a file may have at most {MAX_PATTERN} characters")
+    try:
+        repeats = _count_repeats(sre_parse.parse(pattern), where)
+    except re.error as err:
+        raise ValueError(f"{where} is not a valid regular expression: {err}") from None
+    if repeats > MAX_REPEATS:
+        raise ValueError(f"{where}: a regex from a file may repeat at most {MAX_REPEATS} times (it has "
+                         f"{repeats}): matching it could take n^{repeats} steps per module name")
+
+
+def _count_repeats(parsed, where: str) -> int:
+    """The repeats (*, +, {m,n} with n > 1) in a parsed regex; ValueError for a repeated group (nested
+    repeats backtrack exponentially) or a backreference."""
+    count = 0
+    for op, value in parsed:
+        if op in _REPEATS:
+            low, high, body = value
+            if high > 1 and not (len(body) == 1 and body[0][0] in _ONE_CHARACTER):
+                raise ValueError(f"{where}: a regex from a file may repeat only single characters (like .* "
+                                 f"or [0-9]+), not a group: a repeated group can take 2^n steps to match")
+            count += 1 if high > 1 else _count_repeats(body, where)
+        elif op in (sre_parse.GROUPREF, sre_parse.GROUPREF_EXISTS):
+            raise ValueError(f"{where}: a regex from a file may not use backreferences")
+        elif op == sre_parse.SUBPATTERN:
+            count += _count_repeats(value[-1], where)
+        elif op == sre_parse.BRANCH:
+            count += sum(_count_repeats(branch, where) for branch in value[1])
+        elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+            count += _count_repeats(value[1], where)
+        elif op == getattr(sre_parse, "ATOMIC_GROUP", None):
+            count += _count_repeats(value, where)
+    return count
 
 
 def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:

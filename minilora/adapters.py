@@ -44,15 +44,17 @@ from minilora.adapter_files import (  # the folder layout and the strict checks 
     CONFIG_NAME,
     PREFIX,
     WEIGHTS_NAME,
+    adapter_config_file,
+    check_adapter_config,
     check_config_matches,
     check_plain,
     check_tensors,
-    read_adapter_config,
     read_adapter_tensors,
     shared_config_json,
+    target_modules_from_json,
 )
 from minilora.family import add_dora
-from minilora.files import write_atomically
+from minilora.files import read_json, write_atomically
 from minilora.lora import (
     LoraConfig,
     ModulesToSave,
@@ -111,7 +113,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     or `adapter_name`), which must match it exactly (same modules, same shapes).
     """
     folder = Path(path)
-    config_json = read_adapter_config(folder)
+    config_file = adapter_config_file(folder)
+    config_json = check_adapter_config(read_json(config_file), config_file)
     tensors = read_adapter_tensors(folder)
     peft_type = config_json["peft_type"]
     if peft_type == "LORA":
@@ -218,12 +221,12 @@ def lora_config_from_json(config_json: dict, config_file: Path) -> LoraConfig:
     """A LoraConfig from adapter_config.json, refusing settings that would change the forward pass."""
     check_plain(config_json, config_file, ("r", "lora_alpha", "target_modules"), "LoRA", own=LORA_OPTIONS)
     init = config_json.get("init_lora_weights", True)
-    targets = config_json["target_modules"]
     options = {key: config_json[key] for key in LORA_OPTIONS if config_json.get(key) is not None}
+    targets = target_modules_from_json(config_json, config_file)
     try:
         return LoraConfig(r=config_json["r"], lora_alpha=config_json["lora_alpha"],
                           lora_dropout=config_json.get("lora_dropout", 0.0),
-                          target_modules=targets if isinstance(targets, str) else tuple(targets),
+                          target_modules=targets,
                           init="gaussian" if init == "gaussian" else "kaiming", **options)
     except ValueError as err:
         raise ValueError(f"{config_file}: {err}") from err

@@ -9,12 +9,12 @@ minilora.build reads `--data` and `--eval-data` through these (`load_data`); scr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from minilora import data as running_example
+from minilora.files import parse_json
 from minilora.loop import TokenData
 
 # ----------------------------------------------------------------------------------------------------
@@ -24,29 +24,37 @@ from minilora.loop import TokenData
 
 def read_jsonl(path, option: str = "--data") -> list[dict]:
     """[{"prompt": str, "response": str}, ...] from a JSONL file; errors name the option (`--data`,
-    `--eval-data`), the file and the line."""
+    `--eval-data`), the file and the line, and quote at most SHOWN characters of it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{option}: no such file {str(path)!r} (give a JSONL file of "
                                 f'{{"prompt": ..., "response": ...}} lines)')
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            text = line.decode("utf-8", errors="replace").strip()  # only for messages
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno}): "
-                                 f"{line.strip()[:80]!r}") from None
+                record = parse_json(line, f"{path}:{line_no}")
+            except ValueError as err:
+                raise ValueError(f"{err}: {shown(text)}") from None
             if (not isinstance(record, dict) or not isinstance(record.get("prompt"), str)
                     or not isinstance(record.get("response"), str)):
                 raise ValueError(f"{path}:{line_no}: each line must be an object with string fields "
-                                 f"'prompt' and 'response', got {line.strip()[:80]!r}")
+                                 f"'prompt' and 'response', got {shown(text)}")
             records.append(record)
     if not records:
         raise ValueError(f"{path}: the file holds no examples")
     return records
+
+
+SHOWN = 80  # characters of a bad line or text an error message quotes (a line may be megabytes long)
+
+
+def shown(text: str) -> str:
+    """`text` quoted for an error message, cut to SHOWN characters."""
+    return repr(text[:SHOWN]) + (f" ... ({len(text):,} characters)" if len(text) > SHOWN else "")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,8 +102,10 @@ def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, source: s
         try:
             prompt = tokenizer.prompt_ids(record["prompt"])
             response = tokenizer.response_ids(record["response"])
-        except ValueError as err:
-            raise ValueError(f"{source}: example {i + 1}: {err}") from None
+        except ValueError as err:  # the tokenizer's message may quote the whole text: cut it
+            message = str(err)
+            cut = f" ... (message cut, {len(message):,} characters)" if len(message) > 4 * SHOWN else ""
+            raise ValueError(f"{source}: example {i + 1}: {message[:4 * SHOWN]}{cut}") from None
         ids = (prompt + response)[:max_seq_len]
         labels = ([-100] * len(prompt) + response)[:max_seq_len]
         if all(label == -100 for label in labels):

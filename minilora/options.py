@@ -28,6 +28,15 @@ RUNNING_EXAMPLE = "running-example"
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "eval_every", "save_every", "save_total_limit",
                      "max_steps", "output_dir", "device", "distributed", "threads"}
 
+# Options only some methods read; every other option applies to every method. A value other than the
+# default under a method that does not read it is refused (`--method lora --quant-type fp4` would train an
+# unquantized base while config.json said fp4); the defaults are the recipe's.
+METHOD_OPTIONS = {
+    ("lora", "qlora", "adalora"): ("r", "lora_alpha", "lora_dropout", "target"),
+    ("qlora",): ("quant_type", "double_quant", "blocksize"),
+    ("adalora",): ("target_r", "tinit", "tfinal", "delta_t", "orth_reg_weight"),
+}
+
 # The QLoRA paper's recipe for 7B (Dettmers et al., 2023, appendix B): r 64, α 16, dropout 0.1 on all linear
 # layers but the head, lr 2e-4 constant with 3 % warm-up, max_grad_norm 0.3, paged AdamW, batch 1 × 16
 # gradient accumulation, 1875 steps (the Guanaco-7B run), gradient checkpointing. It needs a real model:
@@ -39,6 +48,11 @@ RECIPES = {
                      batch_size=1, grad_accum=16, max_steps=1875, gradient_checkpointing=True,
                      eval_every=187, save_every=250, threads=0),
 }
+
+
+CHOICES = dict(recipe=tuple(RECIPES), method=METHODS, optimizer=OPTIMIZERS, schedule=SCHEDULES,
+               compute_dtype=DTYPE_NAMES, quant_type=QUANT_TYPES, distributed=DISTRIBUTED_MODES,
+               blocksize=BLOCKSIZES)
 
 
 @dataclass
@@ -97,10 +111,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the option, its value and what is allowed."""
-        choices = dict(recipe=tuple(RECIPES), method=METHODS, optimizer=OPTIMIZERS, schedule=SCHEDULES,
-                       compute_dtype=DTYPE_NAMES, quant_type=QUANT_TYPES, distributed=DISTRIBUTED_MODES,
-                       blocksize=BLOCKSIZES)
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             check_choice(flag(name), getattr(self, name), allowed)
         for name in ("r", "batch_size", "grad_accum", "max_steps", "train_samples", "eval_samples",
                      "max_seq_len", "target_r", "delta_t"):
@@ -119,6 +130,18 @@ class TrainConfig:
         if not isinstance(self.target, str) or not self.target.strip():
             raise ValueError(f"--target must be 'all-linear' or comma-separated module names, "
                              f"got {self.target!r}")
+        self.check_method_options()
+
+    def check_method_options(self) -> None:
+        """ValueError for an option set (away from its default) that --method does not read (METHOD_OPTIONS)."""
+        defaults = TrainConfig(**RECIPES[self.recipe])
+        for methods, names in METHOD_OPTIONS.items():
+            unread = [name for name in names if getattr(self, name) != getattr(defaults, name)]
+            if self.method not in methods and unread:
+                given = ", ".join(f"{flag(name)} {getattr(self, name)!r}" for name in unread)
+                raise ValueError(f"{given}: only --method {' or '.join(methods)} reads "
+                                 f"{'it' if len(unread) == 1 else 'them'}, got --method {self.method}; "
+                                 f"leave {'it' if len(unread) == 1 else 'them'} out, or choose that method")
 
     def target_modules(self) -> str | tuple[str, ...]:
         """--target as LoraConfig's target_modules: "all-linear" or a tuple of module names."""

@@ -10,9 +10,10 @@ micro-batches → loss → backward → clip → optimizer step → AdaLoRA's al
 
 A run checks everything it can before it writes anything: the options, the run folder, the model and the
 method (a target that matches nothing, a rank too large for a layer), the data files. Then it creates the run
-folder (minilora.checkpoints) and trains. It ends with run_dir/adapter/, the trained adapter in peft's format
-(LoRA, QLoRA, AdaLoRA), and `--resume` continues a checkpointed run with exactly the losses the uninterrupted
-run would have had (tests/test_train.py checks equality).
+folder (minilora.checkpoints, which also says what the folder guarantees) and trains, holding a lock on the
+folder until it ends. It ends with run_dir/adapter/, the trained adapter in peft's format (LoRA, QLoRA,
+AdaLoRA), and `--resume` continues a checkpointed run with exactly the losses the uninterrupted run would have
+had (tests/test_train.py checks equality).
 
 On several GPUs the same loop runs under torchrun, one process per GPU (minilora.distributed: DDP, or FSDP
 sharding the adapter; the micro-batches are split among the processes, the losses are those of one process):
@@ -64,7 +65,7 @@ from minilora.checkpoints import (
     write_metrics,
 )
 from minilora.loop import Batches, Progress, TokenData, evaluate, train_step
-from minilora.lora import LoraConfig, count_parameters
+from minilora.lora import LoraConfig, count_parameters, find_target_modules
 from minilora.options import HELP, RECIPES, TrainConfig, flag, make_config
 from minilora.qlora import model_nbytes
 
@@ -99,6 +100,7 @@ def build_run(config: TrainConfig, job: distributed.Distributed) -> Run:
     torch.manual_seed(config.seed)
     # Weights: trained ones in fp32 (full fine-tuning's master copy), frozen ones in the compute dtype.
     model, tokenizer = load_model(config, torch.float32 if config.method == "full" else compute_dtype)
+    check_rank_fits_layers(model, config)  # before the adapter is allocated
     train_data, eval_data = load_data(config, tokenizer)
     adapter, allocator = apply_method(model.to(job.device), config, compute_dtype)
     forward = job.wrap(model)  # DDP's wrapper, or model itself (FSDP shards it in place)
@@ -113,6 +115,25 @@ def build_run(config: TrainConfig, job: distributed.Distributed) -> Run:
     return Run(model, forward, adapter, allocator, train_data, eval_data, opt_params, optimizer,
                build_scheduler(optimizer, config), Batches(train_data, config.batch_size, seed=config.seed),
                autocast, extra_loss)
+
+
+def check_rank_fits_layers(model: nn.Module, config: TrainConfig) -> None:
+    """ValueError if --r is larger than max(in_features, out_features) of a layer it adapts.
+
+    Up to min(in, out) a rank can raise the rank of B A; above it peft trains anyway, and so do we, with a
+    warning (minilora.bypass). Above max(in, out) each factor alone — A (r × in), B (out × r) — holds more
+    numbers than the weight (out × in) it adapts: training the layer itself would be smaller. Such a rank
+    (`--lora-r 1000000`) is a typo, and allocating it would exhaust the memory, so it is refused here,
+    before anything is allocated."""
+    if config.method == "full":
+        return
+    for name in find_target_modules(model, config.target_modules()):
+        layer = model.get_submodule(name)
+        if config.r > max(layer.in_features, layer.out_features):
+            raise ValueError(f"--r {config.r} is larger than max(in_features, out_features) = "
+                             f"max({layer.in_features}, {layer.out_features}) of {name}: each factor of B A "
+                             f"would hold more numbers than the weight it adapts (ranks above min(in, out) = "
+                             f"{min(layer.in_features, layer.out_features)} already add nothing)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,9 +181,13 @@ def _train(config: TrainConfig, job: distributed.Distributed) -> TrainResult:
         torch.cuda.reset_peak_memory_stats(job.device)
     job.run_on_main(check_run_dir, config)  # refuse a bad run folder before building anything
     run = build_run(config, job)            # model, method, data, optimizer: the other checks happen here
-    run_dir = job.run_on_main(start_run_dir, config) or Path(config.output_dir)
-    rows, start = _resume(run, config, job, run_dir) if config.resume else ([], 0)
+    # Rank 0 locks the run folder for the whole run (a second run into it gets an error) and writes config.json.
+    with job.run_on_main(start_run_dir, config) or contextlib.nullcontext():
+        return _loop(run, config, job, Path(config.output_dir), started)
 
+
+def _loop(run: Run, config: TrainConfig, job, run_dir: Path, started: float) -> TrainResult:
+    rows, start = _resume(run, config, job, run_dir) if config.resume else ([], 0)
     run.model.train()
     bar = Progress(config.max_steps, start, desc=config.method, enabled=config.progress and job.is_main)
     for step in range(start, config.max_steps):
@@ -243,7 +268,7 @@ def build_parser(recipe: str = "running-example") -> argparse.ArgumentParser:
         description="Fine-tune a causal LM with full fine-tuning, LoRA, AdaLoRA or QLoRA. The defaults train "
                     "the book's running example in about a minute on a CPU; --recipe qlora-7b is the QLoRA "
                     "paper's 7B recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     defaults = {**dataclasses.asdict(TrainConfig()), **RECIPES.get(recipe, {}), "recipe": recipe}
     for f in dataclasses.fields(TrainConfig):
         default = defaults[f.name]
@@ -261,7 +286,9 @@ def build_parser(recipe: str = "running-example") -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line as a Namespace: --recipe first (it sets the defaults), then every option."""
-    recipe = argparse.ArgumentParser(add_help=False)
+    # No abbreviations anywhere: `--r 4` must not be read as `--recipe 4` (nor `--rec` as --recipe by one
+    # parser and not the other).
+    recipe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     recipe.add_argument("--recipe", default="running-example")
     known, _ = recipe.parse_known_args(argv)
     return build_parser(known.recipe).parse_args(argv)
@@ -274,9 +301,12 @@ def main(argv=None) -> int:
               flush=True)
     try:
         result = train(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:  # bad options or input: nothing was trained
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk is full, a folder is not writable, ...: said in one line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     print(f"run folder: {result.run_dir} (adapter: {result.run_dir / 'adapter'})")

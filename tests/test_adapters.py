@@ -275,3 +275,98 @@ def test_save_adapter_refuses_a_config_that_does_not_say_what_the_layers_are(tin
     with pytest.raises(ValueError, match=r"use_rslora=False"):
         save_adapter(apply_rslora(add_lora(tiny_llama(seed=0), config)), tmp_path / "rslora", config)
     assert not (tmp_path / "dora").exists() and not (tmp_path / "rslora").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile files: refused before they cost time or memory (issue 26)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(target_modules=5), "target_modules must be a list of module names or a regex string, got 5"),
+    (dict(target_modules=["q_proj", 7]), "target_modules must be a list"),
+    (dict(target_modules="(.*)*X"), r"repeat only single characters .* not a group"),    # 2^n steps
+    (dict(target_modules="(a+)+X"), "not a group"),
+    (dict(target_modules="(q|qq)*X"), "not a group"),                                    # overlapping branches
+    (dict(target_modules=".*.*.*.*.*X"), "at most 4 times"),                             # n^5 steps
+    (dict(target_modules=r"(q)\1"), "backreferences"),
+    (dict(target_modules="q_proj|" * 40 + "v_proj"), "at most 200 characters"),
+    (dict(exclude_modules="(.*)*X"), "exclude_modules '.*not a group"),
+    (dict(rank_pattern={"(.*)*X": 2}), "rank_pattern key"),
+    (dict(alpha_pattern={"(.+)+X": 2}), "alpha_pattern key"),
+    (dict(modules_to_save=["(.*)*X"]), "modules_to_save entries must be module names"),
+])
+def test_hostile_configs_are_refused_before_matching(changes, match, tiny_llama, tmp_path):
+    """`target_modules: "(.*)*X"` hung load_adapter (Python's re backtracks: 2^n steps on an n-character
+    name; peft hangs the same way), and `target_modules: 5` was a bare TypeError. The config is checked
+    before any name is matched, so each of these is a ValueError naming the file."""
+    from minilora.adapter_files import check_adapter_config
+
+    ours, config = trained_ours(tiny_llama)
+    save_adapter(ours, tmp_path, config)
+    _edit_config(**changes)(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    if "target_modules" not in changes:   # checked without matching anything: this cannot hang
+        with pytest.raises(ValueError, match=match):
+            check_adapter_config(json.loads(config_file.read_text()), config_file)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=match) as err:
+        load_adapter(model, tmp_path)
+    assert str(config_file) in str(err.value) and len(str(err.value)) < 1000
+    assert not lora_layers(model)
+
+
+def test_peft_style_regexes_still_load(tiny_llama, token_ids, tmp_path):
+    """The bound leaves the regexes people write: peft's examples, a lookahead, a digit class."""
+    for pattern in (r".*\.(q_proj|v_proj)", r"^(?!.*layers\.1\.).*\.(q|v)_proj$",
+                    r"model\.layers\.\d+\.self_attn\.(q|v)_proj", r".*decoder.*|.*layers.*(q|v)_proj"):
+        ours, config = trained_ours(tiny_llama, target_modules=pattern)
+        save_adapter(ours, tmp_path / "a", config)
+        assert torch.equal(logits(load_adapter(tiny_llama(), tmp_path / "a"), token_ids), logits(ours, token_ids))
+
+
+def test_deeply_nested_json_is_an_error_naming_the_file(tiny_llama, tmp_path):
+    """A config of 100 000 nested brackets raised RecursionError."""
+    ours, config = trained_ours(tiny_llama)
+    save_adapter(ours, tmp_path, config)
+    (tmp_path / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"adapter_config.json: JSON nested too deeply"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_a_huge_adalora_init_r_is_refused_before_allocating(tiny_llama, tmp_path):
+    """`init_r: 100000000` built a list of init_r booleans per module (0.8 GB each) before the file was
+    refused. The rank is checked against the layers' shapes first; Python's allocator (tracemalloc) sees
+    under 10 MB on the way to the error."""
+    import tracemalloc
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "ADALORA", "init_r": 100_000_000, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "total_step": 10}))
+    save_file({}, tmp_path / "adapter_model.safetensors")
+    model = tiny_llama()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"adapter_config.json: .*init_r=100000000 do not fit.*min\(32, 32\)"):
+            load_adapter(model, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20
+    assert not lora_layers(model)
+
+
+def test_adapter_files_follow_the_umask(tiny_llama, tmp_path):
+    """Adapters were written 0600 (mkstemp's mode), so a collaborator could not read them; peft and Hugging
+    Face write with the umask (0644 under 022)."""
+    ours, config = trained_ours(tiny_llama)
+    old = os.umask(0o022)
+    try:
+        save_adapter(ours, tmp_path / "a", config)
+        os.umask(0o002)
+        save_adapter(ours, tmp_path / "b", config)
+    finally:
+        os.umask(old)
+    for folder, mode in (("a", 0o644), ("b", 0o664)):
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (tmp_path / folder / name).stat().st_mode & 0o777 == mode, (folder, name)

@@ -105,6 +105,25 @@ def test_bad_jsonl_line_is_named(tmp_path):
         train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
 
 
+def test_jsonl_errors_name_the_line_and_quote_little(tmp_path, capsys):
+    """A line that was not UTF-8 raised a bare UnicodeDecodeError (no file, no line); a 1 MB response with a
+    bad token was echoed whole to stderr; 100 000 nested brackets raised RecursionError."""
+    data = tmp_path / "train.jsonl"
+    good = '{"prompt": "<bos>abcd<sep>", "response": "bcde<eos>"}\n'
+    data.write_bytes(good.encode() + b'{"prompt": "<bos>ab\xff<sep>", "response": "bc<eos>"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: not UTF-8 text \(byte 0xff at offset 19\)"):
+        train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
+    data.write_text(good + "[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl:2: JSON nested too deeply"):
+        train(QUICK, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1)
+    for line in ('{"prompt": "<bos>a<sep>", "response": "' + "X" * 1_000_000 + '"}', "{" + "x" * 1_000_000):
+        data.write_text(good + line + "\n")
+        assert main(["--data", str(data), "--max-steps", "1", "--output-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert "train.jsonl" in err and len(err) < 1000
+    assert not (tmp_path / "run").exists()
+
+
 def test_jsonl_training_scores_the_response_only(tmp_path):
     records = [{"prompt": "<bos>abcd<sep>", "response": "bcde<eos>"},
                {"prompt": "<bos>ponmlkj<sep>", "response": "apon<eos>"}] * 8
@@ -116,8 +135,12 @@ def test_jsonl_training_scores_the_response_only(tmp_path):
     assert 0.0 <= result.final_eval["accuracy"] <= 1.0
 
 
+ADAPTER_ONLY = ("r", "lora_alpha", "lora_dropout")  # options --method full refuses (minilora.options)
+
+
 def _run(tmp_path, name, **options):
-    return train(QUICK, output_dir=str(tmp_path / name), **options)
+    quick = {k: v for k, v in QUICK.items() if options.get("method") != "full" or k not in ADAPTER_ONLY}
+    return train(quick, output_dir=str(tmp_path / name), **options)
 
 
 @pytest.mark.parametrize("method, optimizer", [("qlora", "paged_adamw"), ("adalora", "adamw"),
@@ -138,7 +161,7 @@ def test_resume_gives_exactly_the_uninterrupted_losses(tmp_path, method, optimiz
     interrupted = tmp_path / "interrupted"
     shutil.copytree(full.run_dir, interrupted)
     shutil.rmtree(interrupted / "checkpoint-6")
-    resumed = train(QUICK, output_dir=str(interrupted), resume=True, **options)
+    resumed = _run(tmp_path, "interrupted", resume=True, **options)
     assert resumed.losses == full.losses  # every step, to the last bit
     assert resumed.evals == full.evals
     assert read_metrics(interrupted / "metrics.csv") == \
@@ -152,8 +175,8 @@ def test_resume_gives_exactly_the_uninterrupted_losses(tmp_path, method, optimiz
         assert sum(int(m.rank_mask.sum()) for m in layers) == 2 * len(layers)  # pruned to target_r
     with pytest.raises(ValueError, match="already holds a run"):
         _run(tmp_path, "full", **options)
-    with pytest.raises(ValueError, match=r"options \['r'\] differ"):
-        train(QUICK, output_dir=str(interrupted), resume=True, **dict(options, r=options.get("r", 4) + 1))
+    with pytest.raises(ValueError, match=r"options \['seed'\] differ"):
+        _run(tmp_path, "interrupted", resume=True, **dict(options, seed=1))
 
 
 def test_qlora_learns_the_running_example(tmp_path):
@@ -203,7 +226,7 @@ def test_a_target_typo_is_an_error_and_creates_nothing(tmp_path):
 
 
 def test_resume_without_a_checkpoint_creates_no_folder(tmp_path):
-    with pytest.raises(ValueError, match="--resume: no checkpoint-<step> folder"):
+    with pytest.raises(ValueError, match="--resume: no complete checkpoint-<step> folder"):
         train(QUICK, output_dir=str(tmp_path / "run"), resume=True, max_steps=1)
     assert not (tmp_path / "run").exists()
 
