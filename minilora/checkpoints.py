@@ -95,7 +95,8 @@ def check_ours(run_dir: Path) -> None:
     if present and not (run_dir / MARKER).is_file():
         raise ValueError(f"--output-dir {run_dir} holds files minilora did not write (e.g. {present[:5]}); "
                          f"minilora only uses an empty folder or a run folder of its own (marked by {MARKER}), "
-                         f"so that it never replaces anyone's files: choose another --output-dir")
+                         f"so that it never replaces anyone's files: choose another --output-dir (a run folder "
+                         f"written by a minilora older than this rule has no marker: if it is yours, delete it)")
 
 
 def check_resumable(config, run_dir: Path) -> None:
