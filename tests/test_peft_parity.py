@@ -22,15 +22,8 @@ from torch import nn
 from minilora.adalora import AdaLoraConfig, add_adalora, orthogonal_penalty, svd_layers
 from minilora.adapters import load_adapter, save_adapter
 from minilora.family import add_dora
-from minilora.lora import LoraConfig, LoRALinear, add_lora, lora_layers
-from minilora.switching import (
-    active_adapter,
-    adapter_names,
-    add_weighted_adapter,
-    delete_adapter,
-    disable_adapter,
-    set_adapter,
-)
+from minilora.lora import LoraConfig, LoRALinear, adapter_names, add_lora, lora_layers
+from minilora.switching import active_adapter, add_weighted_adapter, delete_adapter, disable_adapter, set_adapter
 
 ATOL = 1e-5
 TARGETS = ("q_proj", "v_proj")
@@ -274,9 +267,11 @@ def test_ranks_from_files_are_bounded_alike_for_lora_and_adalora(tiny_llama, tmp
 
 
 def layer_state(layer) -> tuple:
-    """What peft's tuner-layer API says about a layer, in peft's names."""
-    own = [p for name, p in layer.named_parameters() if "lora_" in name and ".default" in name or
-           (isinstance(layer, LoRALinear) and "." not in name and "lora_" in name)]
+    """What peft's tuner-layer API says about a layer, in peft's names, and whether its adapter trains."""
+    if isinstance(layer, LoRALinear):   # ours: the active adapter's own lora_A, lora_B (, magnitudes)
+        own = [p for name, p in layer.named_parameters(recurse=False) if name.startswith("lora_")]
+    else:                               # peft's: lora_A.default.weight, ...
+        own = [p for name, p in layer.named_parameters() if name.startswith("lora_") and ".default." in name]
     return (layer.active_adapters, layer.merged, layer.merged_adapters, layer.disable_adapters,
             [p.requires_grad for p in own])
 
