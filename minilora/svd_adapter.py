@@ -35,8 +35,9 @@ from minilora.peft_layer import check_placement_options
 
 class SVDLinear(LowRankLinear, core.SVDLinear):
     """minilora.core.adalora.SVDLinear (h = base(x) + α/(ranknum + 1e-5) · P Λ Q dropout(x)), with the checks
-    of its arguments, minilora.bypass.LowRankLinear's fast base, off switch and checked merging, and
-    `keep_triplets` (a pruned adapter loaded from a file).
+    of its arguments, minilora.bypass.LowRankLinear's fast base, off switch, checked merging and peft's two
+    options (minilora.peft_layer), `keep_triplets` (prune for good) and `load_triplets` (a pruned adapter from
+    a file).
 
     `lora_A` = Q (r, in_features), `lora_E` = Λ (r, 1), `lora_B` = P (out_features, r). It is not a LoRALinear
     of minilora.lora: a LoRA adapter file or `lora_layers()` never mistakes it for one.
@@ -59,8 +60,8 @@ class SVDLinear(LowRankLinear, core.SVDLinear):
         """Drop the triplets where `keep` is False for good: slice P, Λ, Q to the survivors.
 
         `ranknum` stays at the initial r, so the output is unchanged when the dropped Λ_i were already zero
-        (which the allocator ensures in its final phase). Loading a pruned adapter uses this; a module may
-        end with r = 0 (its bypass then adds zeros). Build the optimizer afterwards: the parameters are new.
+        (which the allocator ensures in its final phase). A module may end with r = 0 (its bypass then adds
+        zeros). Build the optimizer afterwards: the parameters are new.
         """
         keep = torch.as_tensor(keep, dtype=torch.bool, device=self.lora_E.device).view(-1)
         if keep.numel() != self.r:

@@ -437,6 +437,20 @@ def test_a_second_adapter_beside_modules_to_save_is_refused(tiny_llama):
     assert_unchanged(ours, before)
 
 
+def test_deleting_the_active_adapter_is_refused(tiny_llama):
+    ours, pm = paired(tiny_llama)
+    add_lora(ours, LoraConfig(r=2, target_modules=("v_proj",)), "b")
+    pm.add_adapter("b", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    pm.delete_adapter("default")                     # peft: allowed; the layers that hold "b" switch to it ...
+    assert list(pm.peft_config) == ["b"]
+    assert pm.base_model.model.get_submodule("model.layers.0.self_attn.v_proj").active_adapters == ["b"]
+    assert pm.active_adapter == "default" and pm.base_model.active_adapter == []   # ... the model names neither
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match=r"'default' is the active adapter; set_adapter to one of \['b'\] first"):
+        delete_adapter(ours, "default")
+    assert_unchanged(ours, before)
+
+
 def test_a_second_merge_is_refused(tiny_llama):
     ours, pm = paired(tiny_llama)
     mine, theirs = ours.model.layers[0].self_attn.q_proj, peft_layer(pm, "model.layers.0.self_attn.q_proj")
