@@ -18,16 +18,14 @@ import torch
 from torch import nn
 
 from minilora.adapter_files import (
-    CONFIG_NAME,
     PREFIX,
-    WEIGHTS_NAME,
     check_config_matches,
     check_plain,
     check_tensors,
     shared_config_json,
     target_modules_from_json,
 )
-from minilora.bypass import check_rank_fits
+from minilora.bypass import check_rank_bound
 from minilora.lora import find_target_modules, lora_layers, selected_modules
 from minilora.svd_adapter import AdaLoraConfig, add_adalora, svd_layers
 
@@ -85,46 +83,30 @@ def adalora_config_from_json(config_json: dict, config_file: Path) -> tuple[AdaL
     return config, config_json.get("rank_pattern") or None
 
 
-def load_adalora_state(model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor],
-                       folder: Path) -> nn.Module:
-    """Check the rank pattern, every key and shape first; then add SVDLinear layers if needed, drop the
-    triplets the pattern drops (`SVDLinear.keep_triplets`, ranknum stays init_r) and copy the survivors."""
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    config, rank_pattern = adalora_config_from_json(config_json, config_file)
+def load_adalora_state(model: nn.Module, config: AdaLoraConfig, rank_pattern: dict | None,
+                       tensors: dict[str, torch.Tensor], weights_file: Path, source, placement: dict) -> nn.Module:
+    """Check the rank pattern, every key and shape first; then add SVDLinear layers if needed (with
+    `placement`: peft's two options) and give each layer the file's surviving triplets
+    (`SVDLinear.load_triplets`; ranknum stays init_r). `source` names the config in errors."""
     if lora_layers(model) and not svd_layers(model):
-        raise ValueError(f"{config_file}: an ADALORA adapter cannot load into a model with LoRA layers")
+        raise ValueError(f"{source}: an ADALORA adapter cannot load into a model with LoRA layers")
     layers = svd_layers(model)
     if layers:   # already adapted: same modules, full rank init_r, not merged
         for name, layer in layers.items():
             if layer.merged or layer.r != config.init_r or layer.ranknum.item() != config.init_r:
                 raise ValueError(f"load_adapter: layer {name!r} (r={layer.r}, merged={layer.merged}) "
-                                 f"does not fit {config_file} (init_r={config.init_r}); load into an unmerged"
+                                 f"does not fit {source} (init_r={config.init_r}); load into an unmerged"
                                  f" model fresh from add_adalora, or into the plain base model")
         names = list(layers)
     else:
         try:
             names = find_target_modules(model, config.target_modules)
             for name in names:   # before anything of size init_r is built (init_r: 100000000 is 0.8 GB a list)
-                check_rank_fits(model.get_submodule(name), config.init_r)
+                check_rank_bound(model.get_submodule(name), config.init_r, "init_r")
         except (ValueError, TypeError) as err:
-            raise type(err)(f"{config_file}: target_modules={config.target_modules!r}, init_r={config.init_r} "
+            raise type(err)(f"{source}: target_modules={config.target_modules!r}, init_r={config.init_r} "
                             f"do not fit {type(model).__name__}: {err}") from err
-
-    keep = {name: [True] * config.init_r for name in names}
-    if rank_pattern is not None:
-        pattern_keys = {f"{name}.lora_E": name for name in names}
-        if set(rank_pattern) != set(pattern_keys):
-            odd = sorted(set(rank_pattern) ^ set(pattern_keys))
-            raise ValueError(f"{config_file}: rank_pattern must have one entry '<module>.lora_E' per adapted "
-                             f"module; these differ: {odd[:3]}")
-        for key, name in pattern_keys.items():
-            pattern = rank_pattern[key]
-            if (not isinstance(pattern, list) or len(pattern) != config.init_r
-                    or not all(isinstance(kept, bool) for kept in pattern)):
-                raise ValueError(f"{config_file}: rank_pattern[{key!r}] must be a list of {config.init_r} "
-                                 f"booleans, got {pattern!r}")
-            keep[name] = pattern
-
+    keep = kept_triplets(names, config.init_r, rank_pattern, source)
     shapes = {}
     for name in names:
         module = model.get_submodule(name)
@@ -135,19 +117,36 @@ def load_adalora_state(model: nn.Module, config_json: dict, tensors: dict[str, t
     check_tensors(tensors, shapes, weights_file)
 
     if not layers:
-        add_layers(add_adalora, model, config, config_file)
+        add_layers(add_adalora, model, config, source, placement)
         layers = svd_layers(model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.keep_triplets(torch.tensor(keep[name]))
-            for kind in ("lora_A", "lora_E", "lora_B"):
-                getattr(layer, kind).copy_(tensors[f"{PREFIX}{name}.{kind}"])
+    for name, layer in layers.items():   # the file's tensors become the parameters, one layer at a time
+        layer.load_triplets({kind: tensors.pop(f"{PREFIX}{name}.{kind}") for kind in ("lora_A", "lora_E", "lora_B")})
     return model
 
 
-def add_layers(add, model: nn.Module, config, config_file: Path) -> None:
+def kept_triplets(names: list[str], init_r: int, rank_pattern: dict | None, source) -> dict[str, list[bool]]:
+    """{module: [kept?] * init_r} from the file's rank_pattern (all kept without one), each entry checked."""
+    keep = {name: [True] * init_r for name in names}
+    if rank_pattern is None:
+        return keep
+    pattern_keys = {f"{name}.lora_E": name for name in names}
+    if set(rank_pattern) != set(pattern_keys):
+        odd = sorted(set(rank_pattern) ^ set(pattern_keys))
+        raise ValueError(f"{source}: rank_pattern must have one entry '<module>.lora_E' per adapted "
+                         f"module; these differ: {odd[:3]}")
+    for key, name in pattern_keys.items():
+        pattern = rank_pattern[key]
+        if (not isinstance(pattern, list) or len(pattern) != init_r
+                or not all(isinstance(kept, bool) for kept in pattern)):
+            raise ValueError(f"{source}: rank_pattern[{key!r}] must be a list of {init_r} "
+                             f"booleans, got {pattern!r}")
+        keep[name] = pattern
+    return keep
+
+
+def add_layers(add, model: nn.Module, config, source, placement: dict) -> None:
     try:   # add_lora / add_adalora check every layer before changing any: a failure leaves the model as it was
-        add(model, config)
+        add(model, config, **placement)
     except (ValueError, TypeError) as err:
-        raise type(err)(f"{config_file}: target_modules={config.target_modules!r} do not fit "
+        raise type(err)(f"{source}: target_modules={config.target_modules!r} do not fit "
                         f"{type(model).__name__}: {err}") from err

@@ -195,8 +195,19 @@ def _count_repeats(parsed, where: str) -> int:
     return count
 
 
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"   # what peft wrote before safetensors (and still does if asked)
+
+
 def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of folder/adapter_model.safetensors. A folder holding only peft's pickled
+    adapter_model.bin is refused unread: unpickling runs whatever code the file holds (peft reads it with
+    torch.load)."""
     weights_file = folder / WEIGHTS_NAME
+    if not weights_file.is_file() and (folder / PICKLED_WEIGHTS_NAME).is_file():
+        raise ValueError(f"{folder / PICKLED_WEIGHTS_NAME} is a pickle (torch.save), and minilora never unpickles "
+                         f"a file it is handed: unpickling runs whatever code the file holds (peft loads it with "
+                         f"torch.load). Where you trust the file, convert it once: load it with peft and "
+                         f"save_pretrained(folder, safe_serialization=True) writes {WEIGHTS_NAME}")
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} is missing (an adapter folder needs {CONFIG_NAME} "
                                 f"and {WEIGHTS_NAME})")

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minilora.adalora_files import adalora_state, load_adalora_state
+from minilora.adalora_files import adalora_config_from_json, adalora_state, load_adalora_state
 from minilora.adapter_files import (  # the folder layout and the strict checks every adapter type shares
     CONFIG_NAME,
     PREFIX,
@@ -53,6 +53,7 @@ from minilora.adapter_files import (  # the folder layout and the strict checks 
     shared_config_json,
     target_modules_from_json,
 )
+from minilora.bypass import check_rank_bound
 from minilora.family import add_dora
 from minilora.files import read_json, write_atomically
 from minilora.lora import (
@@ -66,6 +67,7 @@ from minilora.lora import (
     rslora_scaling,
     selected_modules,
 )
+from minilora.peft_layer import check_placement_options
 from minilora.svd_adapter import AdaLoraConfig
 from minilora.switching import active_adapter
 
@@ -104,27 +106,49 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, config, task_type: s
     return folder
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, config=None,
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> nn.Module:
     """Load the adapter in folder `path` (saved by minilora or by peft) into `model`, in place; returns it.
 
     A model without LoRA layers gets them first, built from the adapter's config. With `adapter_name` new to
     the model, the adapter goes in beside the ones it has, inactive (peft's load_adapter; switch with
     minilora.switching.set_adapter). Otherwise the file fills the model's existing adapter (the active one,
     or `adapter_name`), which must match it exactly (same modules, same shapes).
+
+    peft's options of PeftModel.from_pretrained, under its names:
+      config                  a minilora LoraConfig or AdaLoraConfig to use instead of the folder's
+                              adapter_config.json (the folder then needs only the weights file);
+      autocast_adapter_dtype  False: new adapter layers keep a 16-bit base's dtype (minilora.bypass.adapter_dtype);
+      low_cpu_mem_usage       True: new adapter layers are built on the meta device and the file's tensors
+                              become their parameters, so the adapter is in memory once, not twice (a new
+                              adapter's random init and then the file's copy). The file's tensors are cast to
+                              the adapter's dtype where they differ, one tensor at a time.
     """
+    check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage)
     folder = Path(path)
-    config_file = adapter_config_file(folder)
-    config_json = check_adapter_config(read_json(config_file), config_file)
+    placement = dict(autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+    if config is None:
+        config_file = adapter_config_file(folder)
+        config_json = check_adapter_config(read_json(config_file), config_file)
+        peft_type = config_json["peft_type"]
+        if peft_type not in ("LORA", "ADALORA"):
+            raise ValueError(f"{config_file}: peft_type={peft_type!r} is not supported "
+                             f"(supported: 'LORA', 'ADALORA')")
+        config, rank_pattern = (lora_config_from_json(config_json, config_file), None) if peft_type == "LORA" \
+            else adalora_config_from_json(config_json, config_file)
+        source = config_file
+    elif isinstance(config, (LoraConfig, AdaLoraConfig)):
+        rank_pattern, source = None, f"load_adapter(config={type(config).__name__}(...))"
+    else:
+        raise TypeError(f"config must be None (read {CONFIG_NAME}) or a minilora LoraConfig or AdaLoraConfig, "
+                        f"got {type(config).__name__}")
     tensors = read_adapter_tensors(folder)
-    peft_type = config_json["peft_type"]
-    if peft_type == "LORA":
-        return load_lora_state(model, config_json, tensors, folder, adapter_name)
-    if peft_type == "ADALORA":
-        if adapter_name is not None:
-            raise ValueError(f"load_adapter: adapter_name={adapter_name!r}: AdaLoRA adapters come one per model")
-        return load_adalora_state(model, config_json, tensors, folder)
-    raise ValueError(f"{folder / CONFIG_NAME}: peft_type={peft_type!r} is not supported "
-                     f"(supported: 'LORA', 'ADALORA')")
+    if isinstance(config, LoraConfig):
+        return load_lora_state(model, config, tensors, folder / WEIGHTS_NAME, adapter_name, source, placement)
+    if adapter_name is not None:
+        raise ValueError(f"load_adapter: adapter_name={adapter_name!r}: AdaLoRA adapters come one per model "
+                         f"(peft: AdaLoraModel supports only 1 trainable adapter)")
+    return load_adalora_state(model, config, rank_pattern, tensors, folder / WEIGHTS_NAME, source, placement)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,13 +191,22 @@ def lora_layout(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ..
     return layout
 
 
-def lora_tensor(model: nn.Module, key: str, adapter_name: str) -> torch.Tensor:
-    """The model's tensor behind file key `key` (a key of `lora_layout`) for adapter `adapter_name`."""
+def adapter_slot(model: nn.Module, key: str) -> tuple[nn.Module, str] | None:
+    """(layer, attribute) if file key `key` names an adapter tensor (lora_A, lora_B, DoRA's m), else None."""
     path = key[len(PREFIX):]
     for attribute, file_key in FILE_KEYS.items():
         if path.endswith("." + file_key):
-            layer = model.get_submodule(path[:-len(file_key) - 1])
-            return getattr(layer.adapter(adapter_name), attribute)
+            return model.get_submodule(path[:-len(file_key) - 1]), attribute
+    return None
+
+
+def lora_tensor(model: nn.Module, key: str, adapter_name: str) -> torch.Tensor:
+    """The model's tensor behind file key `key` (a key of `lora_layout`) for adapter `adapter_name`."""
+    slot = adapter_slot(model, key)
+    if slot is not None:
+        layer, attribute = slot
+        return getattr(layer.adapter(adapter_name), attribute)
+    path = key[len(PREFIX):]
     if path.endswith(".base_layer.bias"):
         return model.get_submodule(path[:-len(".base_layer.bias")]).base.bias
     for name, module in model.named_modules():   # a parameter of a module trained in full: its copy's
@@ -232,11 +265,10 @@ def lora_config_from_json(config_json: dict, config_file: Path) -> LoraConfig:
         raise ValueError(f"{config_file}: {err}") from err
 
 
-def load_lora_state(model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], folder: Path,
-                    adapter_name: str | None) -> nn.Module:
-    """Check every key and shape against the model first, then add the adapter if it is new, then copy."""
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    config = lora_config_from_json(config_json, config_file)
+def load_lora_state(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], weights_file: Path,
+                    adapter_name: str | None, source, placement: dict) -> nn.Module:
+    """Check every key and shape against the model first, then add the adapter if it is new (with
+    `placement`: peft's two options), then fill it. `source` names the config in errors."""
     layers = lora_layers(model)
     new = adapter_name not in adapter_names(model) if adapter_name is not None else not layers
     adapter_name = adapter_name or active_adapter(model) or "default"
@@ -244,25 +276,33 @@ def load_lora_state(model: nn.Module, config_json: dict, tensors: dict[str, torc
         raise ValueError("load_adapter: the model's layers are merged; unmerge() them before loading weights")
     try:
         layout = lora_layout(model, config)
+        for name in find_target_modules(model, config.target_modules, **config.rules()):
+            check_rank_bound(model.get_submodule(name), config.rank_and_alpha(name)[0], "r")
     except (ValueError, TypeError) as err:
-        raise type(err)(f"{config_file}: the config does not fit {type(model).__name__}: {err}") from err
+        raise type(err)(f"{source}: the config does not fit {type(model).__name__}: {err}") from err
     check_tensors(tensors, layout, weights_file)
     if new:
         family = add_dora if config.use_dora else add_lora
         try:   # add_lora checks everything before it changes anything: a failure leaves the model as it was
-            family(model, config, adapter_name)
+            family(model, config, adapter_name, **placement)
         except (ValueError, TypeError) as err:
-            raise type(err)(f"{config_file}: the adapter does not fit {type(model).__name__}: {err}") from err
+            raise type(err)(f"{source}: the adapter does not fit {type(model).__name__}: {err}") from err
     else:   # into the model's adapter `adapter_name`: the same layers, the same settings
         carriers = {name: layer for name, layer in layers.items() if adapter_name in layer.adapter_names()}
         odd = sorted(set(carriers) ^ set(find_target_modules(model, config.target_modules, **config.rules())))
         if odd:
-            raise ValueError(f"load_adapter: {config_file} adapts other layers than the model's adapter "
+            raise ValueError(f"load_adapter: {source} adapts other layers than the model's adapter "
                              f"{adapter_name!r} (they differ in {odd[:3]}); load into the plain model, or "
                              f"beside it under a new adapter_name")
         for name, layer in carriers.items():
             check_layer_fits(name, layer.adapter(adapter_name), config, layer.USES_DORA, "load_adapter")
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            lora_tensor(model, key, adapter_name).copy_(tensor)
+    for key in list(tensors):
+        tensor = tensors.pop(key)   # the file's copy goes as soon as its tensor is in place
+        slot = adapter_slot(model, key)
+        if slot is not None:   # copied in, or (a meta tensor, low_cpu_mem_usage) the file's tensor itself
+            layer, attribute = slot
+            layer.load_tensor(layer.adapter(adapter_name), attribute, tensor)
+        else:
+            with torch.no_grad():
+                lora_tensor(model, key, adapter_name).copy_(tensor)
     return model

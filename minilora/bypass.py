@@ -33,6 +33,7 @@ from torch import nn
 
 from minilora.core import lora as core_lora
 from minilora.frozen_linear import frozen_linear
+from minilora.peft_layer import PeftLayerAPI
 from minilora.targets import (  # peft's rules for which modules, by name
     ALL_LINEAR,
     check_target_modules,
@@ -70,21 +71,25 @@ def check_base(base: nn.Module) -> None:
                         f"got dtype={base.weight.dtype}")
 
 
-def check_rank_fits(base: nn.Module, r: int) -> None:
-    """Raise ValueError if rank r is larger than the weight allows (AdaLoRA: its P Λ Q needs r <= min)."""
-    if r > min(base.in_features, base.out_features):
-        raise ValueError(
-            f"r={r} is larger than min(in_features, out_features) = min({base.in_features}, "
-            f"{base.out_features}); B A can never have rank above {min(base.in_features, base.out_features)}, "
-            f"so a larger r only adds parameters that buy nothing. Choose 1 <= r <= "
-            f"{min(base.in_features, base.out_features)}.")
+def check_rank_bound(base: nn.Module, r: int, what: str) -> None:
+    """ValueError if rank r (read from a file or the command line: `what` says where) exceeds max(in_features,
+    out_features) of `base`: then each factor alone, A (r x in) or B (out x r), holds more numbers than the
+    weight it adapts, so the rank is a typo (or a hostile file), and it is refused before anything of its size
+    is built. Ranks between min(in, out) and max(in, out) are allowed, with `warn_oversized_ranks`' warning."""
+    bound = max(base.in_features, base.out_features)
+    if r > bound:
+        raise ValueError(f"{what}={r} is larger than max(in_features, out_features) = max({base.in_features}, "
+                         f"{base.out_features}): each factor of the update would hold more numbers than the weight "
+                         f"it adapts (ranks above min(in, out) = {min(base.in_features, base.out_features)} "
+                         f"already add nothing)")
 
 
 def warn_oversized_ranks(model: nn.Module, ranks: dict[str, int]) -> None:
     """One warning per model for the layers whose rank r exceeds min(in_features, out_features).
 
-    peft accepts such a rank, so we do too (a config that works in peft must work here), but say what it
-    costs: B A can never have rank above min(in, out), so the extra r only adds parameters and compute.
+    peft accepts such a rank for LoRA and AdaLoRA, so we do too (a config that works in peft must work here),
+    but say what it costs: B A (or P Λ Q) can never have rank above min(in, out), so the extra r only adds
+    parameters and compute.
     """
     oversized = {name: (r, model.get_submodule(name)) for name, r in ranks.items()
                  if r > min(model.get_submodule(name).in_features, model.get_submodule(name).out_features)}
@@ -101,15 +106,17 @@ def warn_oversized_ranks(model: nn.Module, ranks: dict[str, int]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(PeftLayerAPI, nn.Module):
     """What a production bypass layer adds to its core layer, mixed in first: `class LoRALinear(LowRankLinear,
-    core.LoRALinear)`. The core layer computes; this changes three things around it:
+    core.LoRALinear)`. The core layer computes; this changes four things around it:
 
     * the base's forward goes through `frozen_linear`: base(x), the same numbers, with the input gradient in
       the layout that is fast on this CPU (minilora/frozen_linear.py);
     * `disabled` turns the bypass off (disable_adapter(), or another adapter is active on the model);
     * merging refuses a 4-bit base (merge_lora handles that), and safe_merge=True (peft's option) refuses a
-      merge that would write NaN or inf into the pretrained weight.
+      merge that would write NaN or inf into the pretrained weight;
+    * new adapter tensors follow peft's two options, and the layer answers to peft's layer-level names
+      (minilora.peft_layer.PeftLayerAPI: `adapter_placement`, `load_tensor`, `enable_adapters`, ...).
     """
 
     disabled = False
@@ -122,10 +129,12 @@ class LowRankLinear(nn.Module):
             return self.base_forward(x)
         return super().forward(x)
 
-    def merge(self, safe_merge: bool = False) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """The core's W0 ← W0 + ΔW. safe_merge=True forms W0 + ΔW in a copy first and refuses it if any entry
         is NaN or infinite, so a diverged adapter cannot destroy the pretrained weight (one weight-sized copy).
+        adapter_names: peft's argument; None or [the active adapter] (`check_merge_names`).
         """
+        self.check_merge_names(adapter_names)
         weight = self._float_base_weight("merge")
         if safe_merge and not self.merged:
             check_merged_finite(weight + self.delta_weight().to(weight.dtype), "merge(safe_merge=True)")
@@ -238,6 +247,17 @@ class ModulesToSave(nn.Module):
 
     def forward(self, *args, **kwargs):
         return (self.original_module if self.disabled else self.modules_to_save)(*args, **kwargs)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """peft's switch (its AuxiliaryTrainingWrapper's): the trained copy on and trainable, or the original."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got enabled={enabled!r}")
+        self.disabled = not enabled
+        self.modules_to_save.requires_grad_(enabled)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:

@@ -79,9 +79,14 @@ class DoRALinear(LoRALinear):
     USES_DORA = True
 
     def create_adapter(self, r: int, lora_alpha: float, lora_dropout: float, init: str = "kaiming") -> None:
-        """LoRA's fresh A and B, then m = ‖W0‖ per row (B = 0), so the layer starts at W0 x + b."""
+        """LoRA's fresh A and B, then m = ‖W0‖ per row (B = 0), so the layer starts at W0 x + b; m in the
+        adapter's dtype (on the meta device too while low_cpu_mem_usage: a file brings m)."""
         super().create_adapter(r, lora_alpha, lora_dropout, init)
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+        if self.lora_A.is_meta:
+            magnitude = torch.empty(self.out_features, device=self.lora_A.device, dtype=self.lora_A.dtype)
+        else:
+            magnitude = self.weight_norm().to(self.lora_A.dtype)
+        self.lora_magnitude_vector = nn.Parameter(magnitude)
         self.merged_norm = None   # ‖W0 + s B A‖ at merge time, needed to undo the merge
 
     def base_weight(self) -> torch.Tensor:
@@ -104,7 +109,7 @@ class DoRALinear(LoRALinear):
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base_out = result if self.base.bias is None else result - self.base.bias
         else:
-            base_out = x_lora @ self.base_weight().T                  # W0 dropout(x)
+            base_out = x_lora @ self.base_weight().to(x_lora.dtype).T  # W0 dropout(x), in the adapter's dtype
         lora_out = (x_lora @ self.lora_A.T) @ self.lora_B.T * self.scaling
         # m/‖·‖ ⊙ (W0 x + s B A x) + b, written as a correction added to the base output
         return (result + (factor - 1) * base_out + factor * lora_out).to(result.dtype)
@@ -117,9 +122,10 @@ class DoRALinear(LoRALinear):
         factor = self.lora_magnitude_vector / self.weight_norm()
         return factor[:, None] * weight - self.base_weight()
 
-    def merge(self, safe_merge: bool = False) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W0 ← m ⊙ (W0 + s B A) / ‖W0 + s B A‖ in place (the merged layer is one plain matmul); safe_merge
-        refuses a result with NaN or inf, as for LoRA."""
+        refuses a result with NaN or inf, and adapter_names takes peft's values, as for LoRA."""
+        self.check_merge_names(adapter_names)
         weight = self._linear_weight("merge")
         norm = self.weight_norm()
         delta = self.delta_weight().to(weight.dtype)
@@ -149,16 +155,18 @@ class DoRALinear(LoRALinear):
         return self.base.weight
 
 
-def add_dora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def add_dora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+             autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> nn.Module:
     """Give every target of `config` a DoRALinear (peft's `use_dora=True`), freeze the rest; returns `model`.
 
-    minilora.lora.add_lora with DoRA layers: the same targets, options, checks and names. Adapter files go
-    through minilora.adapters.save_adapter / load_adapter like any LoRA adapter (peft's layout, plus one
-    `lora_magnitude_vector` per layer).
+    minilora.lora.add_lora with DoRA layers: the same targets, options (peft's autocast_adapter_dtype and
+    low_cpu_mem_usage too), checks and names. Adapter files go through minilora.adapters.save_adapter /
+    load_adapter like any LoRA adapter (peft's layout, plus one `lora_magnitude_vector` per layer).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a minilora.lora.LoraConfig, got {type(config).__name__}")
-    return add_lora(model, replace(config, use_dora=True), adapter_name, layer_class=DoRALinear)
+    return add_lora(model, replace(config, use_dora=True), adapter_name, layer_class=DoRALinear,
+                    autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def dora_layers(model: nn.Module) -> dict[str, DoRALinear]:

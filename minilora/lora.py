@@ -38,6 +38,7 @@ from minilora.bypass import (  # names callers import from here since chapter 1 
 from minilora.checks import check_bypass_options
 from minilora.core import lora as core
 from minilora.lora_config import BIAS_OPTIONS, INITS, LoraConfig, check_hyperparameters
+from minilora.peft_layer import check_placement_options
 from minilora.targets import modules_to_save_names
 
 __all__ = ["ALL_LINEAR", "BIAS_OPTIONS", "INITS", "LowRankLinear", "LoRALinear", "LoraConfig", "ModulesToSave",
@@ -83,16 +84,21 @@ class LoRALinear(LowRankLinear, core.LoRALinear):
     USES_DORA = False
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 init: str = "kaiming", use_rslora: bool = False, adapter_name: str = "default"):
+                 init: str = "kaiming", use_rslora: bool = False, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         check_base(base)
         check_hyperparameters(r, lora_alpha, lora_dropout, init)
+        check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage)
+        # Plain flags, set before the core's __init__ creates the first adapter (adapter_placement reads them).
+        self.autocast_adapter_dtype, self.low_cpu_mem_usage = autocast_adapter_dtype, low_cpu_mem_usage
         super().__init__(base, r, lora_alpha, lora_dropout, init)
         self.parked = nn.ModuleDict().train(self.training)
         self.name_adapter(adapter_name, use_rslora)
 
     def new_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init: str,
-                    use_rslora: bool) -> None:
+                    use_rslora: bool, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         """Fresh A and B (and settings) in the active slot; the caller has parked what was there."""
+        self.autocast_adapter_dtype, self.low_cpu_mem_usage = autocast_adapter_dtype, low_cpu_mem_usage
         self.create_adapter(r, lora_alpha, lora_dropout, init)
         self.lora_dropout.train(self.training)   # a new module starts in training mode; follow the layer's
         self.name_adapter(adapter_name, use_rslora)
@@ -142,14 +148,17 @@ class LoRALinear(LowRankLinear, core.LoRALinear):
         self.adapter_name = adapter_name
 
     def add_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    init: str = "kaiming", use_rslora: bool = False) -> None:
+                    init: str = "kaiming", use_rslora: bool = False, autocast_adapter_dtype: bool = True,
+                    low_cpu_mem_usage: bool = False) -> None:
         """A second (third, ...) adapter beside the active one, parked; the active one stays active."""
         if adapter_name in self.adapter_names():
             raise ValueError(f"adapter_name={adapter_name!r} already exists on this layer "
                              f"(adapters: {self.adapter_names()})")
+        check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage)
         active = self.adapter_name
         self.park()
-        self.new_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora)
+        self.new_adapter(adapter_name, r, lora_alpha, lora_dropout, init, use_rslora, autocast_adapter_dtype,
+                         low_cpu_mem_usage)
         self.switch_to(active)
 
     def extra_repr(self) -> str:
@@ -164,17 +173,23 @@ class LoRALinear(LowRankLinear, core.LoRALinear):
 # ----------------------------------------------------------------------------------------------------
 
 
-def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-             layer_class: type | None = None) -> nn.Module:
+def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default", layer_class: type | None = None,
+             autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> nn.Module:
     """Give every target of `config` a LoRA bypass (in place) and freeze everything else; returns `model`.
 
     The first adapter becomes active. On a model that has adapters already, the new one is added beside them
     under `adapter_name` and waits, inactive (peft's add_adapter); `minilora.switching.set_adapter` switches.
     Everything is checked before anything changes, so an error leaves the model as it was. A rank larger
     than a layer's weight allows gets one warning for the model (peft accepts it, and so do we).
+
+    peft's two options of get_peft_model, under its names (`minilora.bypass.adapter_dtype`): with
+    autocast_adapter_dtype=False the adapters keep a 16-bit base's dtype instead of float32; with
+    low_cpu_mem_usage=True they are made on the meta device, allocating nothing, for
+    minilora.adapters.load_adapter to fill from a file (the model cannot run before that).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a minilora.lora.LoraConfig, got {type(config).__name__}")
+    check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage)
     layer_class = layer_class or LoRALinear
     if config.use_dora and not layer_class.USES_DORA:
         raise ValueError("use_dora=True: DoRA layers are added by minilora.family.add_dora(model, config)")
@@ -191,13 +206,15 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     def make(name, base):
         r, alpha = ranks[name]
         return layer_class(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, init=config.init,
-                           use_rslora=config.use_rslora, adapter_name=adapter_name)
+                           use_rslora=config.use_rslora, adapter_name=adapter_name,
+                           autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
 
     wrap_modules(model, [name for name in names if name not in existing], make)
     for name in names:
         layer = model.get_submodule(name)
         if name in existing:
-            layer.add_adapter(adapter_name, *ranks[name], config.lora_dropout, config.init, config.use_rslora)
+            layer.add_adapter(adapter_name, *ranks[name], config.lora_dropout, config.init, config.use_rslora,
+                              autocast_adapter_dtype, low_cpu_mem_usage)
         elif existing:   # a layer only the new adapter has: off until that adapter is made active
             layer.disabled = True
     for name in to_save:

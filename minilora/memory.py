@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from minilora.activations import activation_bytes
 from minilora.architecture import (
     METHODS,
@@ -42,6 +44,8 @@ from minilora.architecture import (
     resolve_targets,
 )
 from minilora.core import memory as core
+from minilora.options import TrainConfig
+from minilora.peft_layer import autocast_dtype
 
 GB = 10**9
 GiB = 2**30
@@ -289,6 +293,35 @@ def estimate(model: Any, method: str = "qlora", r: int = 64, target: Any = "all-
                       double_quant=double_quant, blocksize=blocksize, lora_dropout=lora_dropout,
                       allocator=allocator),
     )
+
+
+def adapter_bytes(compute_dtype: torch.dtype = torch.bfloat16, autocast_adapter_dtype: bool = True) -> int:
+    """Bytes per adapter parameter (and per entry of its gradient) on a base computing in `compute_dtype`,
+    by peft's rule (minilora.bypass.autocast_dtype): 4 for float32 adapters on a 16-bit base, peft's and
+    minilora's default; the base's 2 with autocast_adapter_dtype=False. `estimate`'s own default, 2, is the
+    QLoRA paper's bf16 adapters."""
+    return autocast_dtype(compute_dtype, autocast_adapter_dtype).itemsize
+
+
+def estimate_run(config: TrainConfig, model: Any = None, seq_len: int | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> MemoryReport:
+    """`estimate` for a training run's options (minilora.options: a recipe, the command line): its method,
+    rank, targets, batch, optimizer, quantization, dropout, and the adapter dtype its
+    --autocast-adapter-dtype gives on a `compute_dtype` base (`adapter_bytes`). `model`: the architecture
+    when config.model is not a preset name; seq_len: the tokens per sequence (default config.max_seq_len).
+
+    The run keeps the frozen weights in compute_dtype and full fine-tuning's in float32 (no master copy);
+    AdaLoRA's scores are minilora's allocator's.
+    """
+    targets = config.target_modules()
+    return estimate(model or config.model, method=config.method, r=config.r,
+                    target=targets if isinstance(targets, str) else list(targets), batch_size=config.batch_size,
+                    seq_len=seq_len or config.max_seq_len, gradient_checkpointing=config.gradient_checkpointing,
+                    optimizer=config.optimizer, double_quant=config.double_quant, blocksize=config.blocksize,
+                    lora_dropout=config.lora_dropout,
+                    weight_bytes=4 if config.method == "full" else compute_dtype.itemsize,
+                    adapter_bytes=adapter_bytes(compute_dtype, config.autocast_adapter_dtype),
+                    compute_bytes=compute_dtype.itemsize, master_weights=False, allocator="minilora")
 
 
 # ------------------------------------------------------------------------------------------------------------

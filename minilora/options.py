@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "eval_every", "save_ever
 # default under a method that does not read it is refused (`--method lora --quant-type fp4` would train an
 # unquantized base while config.json said fp4); the defaults are the recipe's.
 METHOD_OPTIONS = {
-    ("lora", "qlora", "adalora"): ("r", "lora_alpha", "lora_dropout", "target"),
+    ("lora", "qlora", "adalora"): ("r", "lora_alpha", "lora_dropout", "target", "autocast_adapter_dtype"),
     ("qlora",): ("quant_type", "double_quant", "blocksize"),
     ("adalora",): ("target_r", "tinit", "tfinal", "delta_t", "orth_reg_weight"),
 }
@@ -74,6 +74,7 @@ class TrainConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     target: str = "all-linear"
+    autocast_adapter_dtype: bool = True
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
@@ -127,6 +128,8 @@ class TrainConfig:
         if self.method == "adalora" and self.target_r > self.r:
             raise ValueError(f"--target-r must be <= --r (AdaLoRA starts at rank r and prunes down to "
                              f"target_r), got target_r={self.target_r} > r={self.r}")
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise ValueError(f"--autocast-adapter-dtype must be True or False, got {self.autocast_adapter_dtype!r}")
         if not isinstance(self.target, str) or not self.target.strip():
             raise ValueError(f"--target must be 'all-linear' or comma-separated module names, "
                              f"got {self.target!r}")
@@ -200,6 +203,9 @@ HELP = {
     "lora_dropout": "dropout on the bypass input",
     "target": "'all-linear' (every linear layer but the head) or comma-separated names, e.g. q_proj,v_proj; "
               "a name that matches no module is an error",
+    "autocast_adapter_dtype": "peft's option of that name: adapters in float32 on a 16-bit base (the default), or "
+                              "with --no-autocast-adapter-dtype in the base's 16-bit compute dtype (half the "
+                              "adapter, gradient and AdamW-state memory; updates round to 16 bits)",
     "quant_type": "QLoRA: the 4-bit data type of the frozen base",
     "double_quant": "QLoRA: quantize the quantization constants too",
     "blocksize": "QLoRA: weights per absmax block",

@@ -55,14 +55,24 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def check_adapter(model: nn.Module, name: str, what: str) -> None:
     names = adapter_names(model)
-    if name not in names:
-        raise ValueError(f"{what}: {type(model).__name__} has no adapter {name!r} (it has {names or 'none'}; "
-                         f"add one with add_lora or load_adapter)")
+    if name not in names:   # "does not exist": peft's words, where a user would search for them
+        raise ValueError(f"{what}: adapter {name!r} does not exist: {type(model).__name__} has no adapter "
+                         f"{name!r} (it has {names or 'none'}; add one with add_lora or load_adapter)")
 
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Make adapter `name` the active one on every layer that has it; layers without it compute only their
-    base. Only `name` trains afterwards (peft's set_adapter). Returns `model`."""
+    base. Only `name` trains afterwards (peft's set_adapter). Returns `model`.
+
+    peft also takes a list and then sums several adapters in one forward pass; here one adapter is active at
+    a time, so a list must name one (add_weighted_adapter(..., "cat") builds the sum as one adapter)."""
+    if isinstance(name, (list, tuple)):
+        if len(name) != 1:
+            raise ValueError(f"set_adapter({list(name)!r}): minilora keeps one adapter active at a time (peft can "
+                             f"activate several and sums their bypasses); to compute that sum, combine them "
+                             f"into one: add_weighted_adapter(model, {list(name)!r}, [1.0] * {len(name)}, "
+                             f"'sum', 'cat'), then set_adapter(model, 'sum')")
+        name = name[0]
     check_adapter(model, name, "set_adapter")
     merged = [path for path, layer in lora_layers(model).items() if layer.merged]
     if merged:
@@ -80,36 +90,51 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
 
 @contextmanager
 def disable_adapter(model: nn.Module):
-    """`with disable_adapter(model):` the base model, every bypass and trained module copy off; on exit
-    (also after an error) each layer is as it was. What peft's `disable_adapter()` context does, e.g. for
-    the reference model of DPO without a second copy of the weights."""
+    """`with disable_adapter(model):` the pretrained model: every bypass and trained module copy off, and a
+    merged layer unmerged for the duration (its ΔW sits in W0; peft unmerges it too). On exit (also after
+    an error) each layer is as it was: switched back, merged again. What peft's `disable_adapter()` context
+    does, e.g. for the reference model of DPO without a second copy of the weights.
+
+    Unmerging subtracts ΔW from W0 + ΔW, so the weights are W0 up to one rounding per entry, and merging
+    again adds it back, up to one more (chapter 1 §6); an unmerged model gives W0 exactly."""
     switches = [m for m in model.modules() if isinstance(m, (LowRankLinear, ModulesToSave))]
     if not switches:
         raise ValueError(f"disable_adapter: {type(model).__name__} has no adapter layers")
     before = [m.disabled for m in switches]
+    merged = [m for m in switches if getattr(m, "merged", False)]
     try:
+        for layer in merged:
+            layer.unmerge()
         for module in switches:
             module.disabled = True
         yield model
     finally:
         for module, flag in zip(switches, before):
             module.disabled = flag
+        for layer in merged:
+            if not layer.merged:   # an error in unmerge() itself leaves the later layers merged still
+                layer.merge()
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name` from every layer (peft's delete_adapter). A layer left without adapters is
-    replaced by its base again. The active adapter cannot be deleted: set_adapter to another one first,
-    so that what the model computes never changes silently. Returns `model`."""
+    replaced by its base again. Refused, before any layer changes, when `name` is the active adapter (set
+    another one first, so that what the model computes never changes silently) or merged into some layer
+    (unmerge it first: its ΔW sits in W0). Returns `model`."""
     check_adapter(model, name, "delete_adapter")
     if active_adapter(model) == name and len(adapter_names(model)) > 1:
         raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter to one of "
                          f"{[n for n in adapter_names(model) if n != name]} first")
-    for path, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    merged = [path for path, layer in layers.items() if layer.merged and layer.adapter_name == name]
+    if merged:   # peft's words too: "Cannot delete adapter(s) [...] while they are merged"
+        raise ValueError(f"delete_adapter: cannot delete adapter(s) [{name!r}] while they are merged: layers "
+                         f"{merged[:3]}{' ...' if len(merged) > 3 else ''} hold its ΔW in their weight. Please "
+                         f"unmerge them first; nothing was deleted")
+    for path, layer in layers.items():
         if name not in layer.adapter_names():
             continue
         if layer.adapter_names() == [name]:
-            if layer.merged:
-                raise ValueError(f"delete_adapter: layer {path!r} is merged with {name!r}; unmerge it first")
             replace_module(model, path, layer.base)
             continue
         if layer.adapter_name == name:   # active in this layer, not in the model: any other may take its place

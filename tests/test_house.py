@@ -32,6 +32,7 @@ FLOORS = {
     "targets": 0,  # peft's rules for which modules get an adapter, by name only
     "page_pool": 0,  # the paged optimizer's counters (its LRU pool is the core's)
     "adapter_files": 0,  # peft's adapter folder: names, plain settings, strict reading
+    "peft_layer": 0,  # peft's options for where an adapter lives, and its layer-level names (enable_adapters, ...)
     "bypass": 1,  # what LoRA and AdaLoRA layers share; which layers get one; merging
     "nf4": 1,
     "architecture": 1,  # model shapes, presets and parameter counts (the memory model's first step)

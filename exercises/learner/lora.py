@@ -41,8 +41,14 @@ class LoRALinear(nn.Module):
     def create_adapter(self, r: int, lora_alpha: float, lora_dropout: float, init: str = "kaiming") -> None:
         raise NotImplementedError(
             "hint: check r (an integer >= 1, else ValueError); store r, lora_alpha, scaling = lora_alpha / r and "
-            "lora_dropout; create float32 nn.Parameters lora_A (r, in) and lora_B (out, r) on the base's device, "
-            "then call reset_lora_parameters(init).")
+            "lora_dropout; create nn.Parameters lora_A (r, in) and lora_B (out, r), float32 on the base's "
+            "device (adapter_placement() gives both), then call reset_lora_parameters(init).")
+
+    def adapter_placement(self) -> dict:
+        """Where new adapter tensors live: float32 (see create_adapter), on the base's device. (The package can
+        also keep them in the base's 16-bit dtype, or build them on the meta device for a file to fill.)"""
+        device = [*self.base.parameters(), *self.base.buffers()][0].device  # a 4-bit W0 is a buffer (ch. 6)
+        return {"device": device, "dtype": torch.float32}
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         raise NotImplementedError(

@@ -55,8 +55,8 @@ class SVDLinear(LoRALinear):
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0):
         super().__init__(base, r, lora_alpha, lora_dropout)  # Q = lora_A, P = lora_B
         self.scaling = lora_alpha
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=self.lora_A.device))  # Λ = 0: ΔW = 0 at start
-        self.register_buffer("ranknum", torch.tensor(float(r), device=self.lora_A.device), persistent=False)
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, **self.adapter_placement()))  # Λ = 0: ΔW = 0 at start
+        self.register_buffer("ranknum", torch.tensor(float(r), **self.adapter_placement()), persistent=False)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=self.lora_A.device),
                              persistent=False)
 

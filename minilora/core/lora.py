@@ -58,10 +58,15 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r must be an integer >= 1 (the rank of the update), got r={r!r}")
         self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        device = [*self.base.parameters(), *self.base.buffers()][0].device  # a 4-bit W0 is a buffer (ch. 6)
-        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **self.adapter_placement()))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **self.adapter_placement()))
         self.reset_lora_parameters(init)
+
+    def adapter_placement(self) -> dict:
+        """Where new adapter tensors live: float32 (see create_adapter), on the base's device. (The package can
+        also keep them in the base's 16-bit dtype, or build them on the meta device for a file to fill.)"""
+        device = [*self.base.parameters(), *self.base.buffers()][0].device  # a 4-bit W0 is a buffer (ch. 6)
+        return {"device": device, "dtype": torch.float32}
 
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
         """A random, B = 0: then B A = 0 and the model starts exactly where the pretrained one was (LoRA §4.1).
