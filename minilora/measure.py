@@ -153,7 +153,8 @@ class HostMemory:
         now = status_bytes()
         self._record(now)
         if not now:  # no /proc: the process's peak so far (KiB on Linux, bytes on macOS)
-            self.resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            unit = 1 if sys.platform == "darwin" else 1024
+            self.resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
             return
         self.resident = now["VmHWM"] if self._exact else self._peaks["VmRSS"]
         self.anonymous = self._peaks.get("RssAnon")

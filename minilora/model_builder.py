@@ -54,11 +54,14 @@ def preset_config(name: str, **overrides):
 
 
 def skeleton(config, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of `config` on the meta device: its modules, shapes and dtypes, no memory."""
+    """The causal LM of `config` on the meta device: its modules, shapes and dtypes, no memory. Raises
+    ValueError for a model without Llama-style decoder layers (`decoder_layers`), before anything is built."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    decoder_layers(model)
+    return model
 
 
 def tensor_names(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

@@ -45,6 +45,8 @@ import argparse
 import contextlib
 import gc
 import json
+import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,7 +59,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(ROOT))
 
 from minilora import memory  # noqa: E402
-from minilora.architecture import PRESETS  # noqa: E402
+from minilora.architecture import PRESETS, architecture, linear_shapes  # noqa: E402
 from minilora.build import (  # noqa: E402
     apply_method,
     build_model,
@@ -72,6 +74,7 @@ from minilora.loop import Batches, Job, TokenData, train_step  # noqa: E402
 from minilora.lora import count_parameters  # noqa: E402
 from minilora.measure import HostMemory  # noqa: E402
 from minilora.options import RUNNING_EXAMPLE, TrainConfig, make_config  # noqa: E402
+from minilora.paged import page_bytes_for  # noqa: E402
 
 STACKS = ("minilora", "peft", "both")
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), NVIDIA datasheets; first matching name wins.
@@ -221,8 +224,8 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def predicted_bytes(config, recipe: TrainConfig, seq_len: int, stack: str, compute_dtype: torch.dtype,
-                    device: torch.device) -> int:
+def predicted_report(config, recipe: TrainConfig, seq_len: int, stack: str, compute_dtype: torch.dtype,
+                     device: torch.device) -> memory.MemoryReport:
     """minilora.memory.estimate for this run. Adapters, their gradients and Adam state are fp32 in both stacks
     (adapter_bytes=4); the weights that stay 16-bit (embeddings, head, norms) are in the compute dtype in ours
     and fp32 in peft's (prepare_model_for_kbit_training casts them). Activations are in the compute dtype; the
@@ -232,7 +235,48 @@ def predicted_bytes(config, recipe: TrainConfig, seq_len: int, stack: str, compu
                            seq_len=seq_len, gradient_checkpointing=True, optimizer="paged_adamw",
                            lora_dropout=recipe.lora_dropout, adapter_bytes=4, compute_bytes=compute_bytes,
                            dropout_mask_bytes=1 if device.type == "cuda" else compute_bytes,
-                           weight_bytes=4 if stack == "peft" else compute_bytes).total
+                           weight_bytes=4 if stack == "peft" else compute_bytes)
+
+
+def predicted_bytes(config, recipe: TrainConfig, seq_len: int, stack: str, compute_dtype: torch.dtype,
+                    device: torch.device) -> int:
+    return predicted_report(config, recipe, seq_len, stack, compute_dtype, device).total
+
+
+def overhead_terms(config, recipe: TrainConfig, compute_dtype: torch.dtype, runtime: int) -> dict[str, int]:
+    """What a CPU process of our stack holds beyond the memory model's tensors, term by term (chapter 7, "Two
+    kinds of peak"), for a QLoRA run of `config` with minilora's adapters (fp32):
+
+    runtime    the interpreter and the libraries, before any model (measured: `runtime_anonymous_bytes`);
+    decode     Linear4bit decodes each weight into a buffer kept per size (minilora.kernels.scratch), in the
+               compute dtype: one per distinct weight size (at 7B two, 4096 x 4096 and 11008 x 4096);
+    pages      paged AdamW keeps each parameter's state in whole pages (minilora.paged.page_bytes_for): the
+               rounding up of its 8 bytes per adapter parameter;
+    allocator  memory freed but kept by glibc's malloc, which gives back to the system only blocks it mapped on
+               their own, those above its mmap threshold (which grows up to 32 MiB as large blocks are freed); the
+               adapters' gradients and the step's temporaries (1 to 3 MiB each at 7B) stay below it. Bounded by
+               the gradients' bytes: on 12 of 7B's 32 layers, the step's peak was 0.224 GiB higher than with the
+               threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_=131072), the gradients being 0.223 GiB;
+    saving     safetensors' save_file copies every tensor to bytes before writing: the adapter once more.
+    """
+    report = predicted_report(config, recipe, 1, "minilora", compute_dtype, torch.device("cpu"))
+    shapes = list(linear_shapes(config).values())
+    adapter_shapes = [s for d_out, d_in in shapes for s in ((recipe.r, d_in), (d_out, recipe.r))]
+    page = page_bytes_for([torch.empty(s, device="meta") for s in adapter_shapes])
+    per_layer_pages = sum(math.ceil(8 * math.prod(s) / page) for s in adapter_shapes)
+    pages = architecture(config).num_hidden_layers * per_layer_pages * page
+    decode = torch.finfo(compute_dtype).bits // 8 * sum({d_out * d_in for d_out, d_in in shapes})
+    return {"runtime": runtime, "decode": decode, "pages": pages - report.optimizer_state,
+            "allocator": report.gradients, "saving": report.lora_params}
+
+
+def runtime_anonymous_bytes() -> int:
+    """The anonymous memory of a fresh process that has imported what a run imports (the interpreter, torch,
+    transformers, minilora), before any model exists: measured, since it depends on the installed libraries."""
+    code = ("import minilora.train, transformers.models.llama.modeling_llama\n"
+            "from minilora.measure import status_bytes\nprint(status_bytes()['RssAnon'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return int(done.stdout.split()[-1])
 
 
 def recipe_for(args, seq_len: int) -> TrainConfig:

@@ -10,8 +10,10 @@ model.safetensors.index.json. Memory holds one shard at a time (at most --shard-
 never the model. Each shard is written to a temporary name and renamed, so a crash leaves no half-written file.
 
 The weights are those minilora.model_builder.random_weights draws for the same seed and dtype, so reading the
-folder in its own dtype gives the model `--random-init` builds: `python -m minilora.train --model <folder>` and
-`--model <preset> --random-init --compute-dtype <dtype>` train the same model.
+folder in its own dtype gives the model `--random-init` builds. Beside them goes a tokenizer (tokenizer.json)
+that reads text as UTF-8 bytes with Llama's byte-fallback ids, the ids minilora.instructions.ByteTokenizer gives
+a preset: `python -m minilora.train --model <folder> --data x.jsonl` and `--model <preset> --random-init
+--compute-dtype <dtype> --data x.jsonl` train the same model on the same tokens.
 """
 
 from __future__ import annotations
@@ -65,15 +67,30 @@ def write_checkpoint(config, folder, dtype: torch.dtype, seed: int = 0, shard_by
     weight_map = {}
     for k, names in enumerate(shards, start=1):
         file = SINGLE_FILE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = plan.weights(names, dtype, torch.device("cpu"))
-        write_atomically(folder / file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        write_atomically(folder / file, lambda tmp, names=names: save_file(
+            plan.weights(names, dtype, torch.device("cpu")), tmp, metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(names, file))
-        del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         write_atomically(folder / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    write_byte_tokenizer(folder)
     config.save_pretrained(folder)  # config.json, last: a folder without it is not a model folder
     return sum(sizes.values())
+
+
+def write_byte_tokenizer(folder) -> None:
+    """tokenizer.json + tokenizer_config.json of a byte-level tokenizer: a BPE with no merges whose only tokens
+    are <unk>, <s>, </s> and Llama's 256 byte tokens <0x00>..<0xFF> (ids 3..258), so every character falls back
+    to its UTF-8 bytes; <s> starts every encoded text, as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ FLOORS = {
     "frozen_linear": 0,  # a frozen base's matmul, with the input gradient in the layout that is fast here
     "targets": 0,  # peft's rules for which modules get an adapter, by name only
     "adapter_files": 0,  # peft's adapter folder: names, plain settings, strict reading
+    "checkpoint_files": 0,  # a checkpoint folder's safetensors: headers checked, one tensor at a time; no pickle
     "bypass": 1,  # what LoRA and AdaLoRA layers share; which layers get one; merging
     "nf4": 1,
     "architecture": 1,  # model shapes, presets and parameter counts (the memory model's first step)
@@ -33,6 +34,7 @@ FLOORS = {
     "activations": 2,  # the activation model, tensor by tensor
     "data": 2,  # the running example (its finetune is a loop of loop.train_step)
     "options": 2,  # every option of a run
+    "model_builder": 2,  # one way to build a model: skeleton on meta, then layer by layer (on architecture)
     "adalora": 3, "qlora": 3,
     "adalora_files": 3,  # AdaLoRA adapters in peft's files (adapters dispatches to it)
     "family": 3,  # LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+ (on lora)

@@ -177,7 +177,8 @@ def test_a_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path):
     pickle.loads((folder / "pytorch_model.bin").read_bytes())  # the plant works: unpickling creates the file
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*never opens.*save_pretrained\(.*safe_serialization=True"):
+    refused = r"pytorch_model\.bin.*never opens.*save_pretrained\(.*safe_serialization=True"
+    with pytest.raises(ValueError, match=refused):
         train(model=str(folder), method="qlora", output_dir=str(tmp_path / "run"), max_steps=1, progress=False)
     assert not marker.exists() and not (tmp_path / "run").exists()
     (folder / "pytorch_model.bin").unlink()
@@ -322,6 +323,13 @@ def test_a_preset_reads_jsonl_as_bytes():
     assert none is None  # a vocabulary of 20 cannot hold 259 byte tokens
     with pytest.raises(ValueError, match="reads UTF-8 bytes if its vocabulary has 259 tokens or more"):
         build.load_data(make_config(model="tiny-llama", random_init=True, data="x.jsonl"), none)
+
+
+def test_a_model_without_llama_style_layers_is_refused_before_anything_is_built():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel: no decoder layers at 'transformer.layers'"):
+        plan_random(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50), torch.float32, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------
