@@ -6,22 +6,22 @@
     python benchmarks/bench_7b.py --predict 23.4          # the memory model's table for a 23.4 GiB host, no run
     # the largest model that table says this machine fine-tunes, once (random weights: no 65 GB folder):
     python benchmarks/bench_7b.py --preset llama-33b --r 16 --compute-dtype bf16 --source random \\
-        --stacks minilora --rounds 1 --wrap "../shared/tools/with-memory-limit 22G"
+        --stacks minilora --rounds 1 --warmup 0 --wrap "../shared/tools/with-memory-limit 22G"
 
 With `--source folder` (the default) it first writes a checkpoint folder of the preset with random weights
 (scripts/random_checkpoint.py: bf16 safetensors shards, one at a time) in a temporary folder, deleted at the end
 (or in --keep DIR, kept). Then, --rounds times, it runs one process per stack, the first stack alternating between
 rounds so that a slow drift of the machine reaches both alike:
 
-    python scripts/qlora_7b.py --model <folder> --stack <stack> --device cpu --seq-len 64 --steps 1 --warmup 0 \\
+    python scripts/qlora_7b.py --model <folder> --stack <stack> --device cpu --seq-len 64 --steps 1 --warmup 1 \\
         --grad-accum 1 --r <r> --compute-dtype <dtype> --json <file>
 
 Each process loads the folder its own way (minilora: minilora.model_builder, layer by layer; peft: transformers'
-from_pretrained with a BitsAndBytesConfig) and takes one optimizer step of the qlora-7b recipe. Reported per
-stack, the median over the rounds: setup (loading the folder, the adapter and the optimizer), the peak memory
-(resident and anonymous, minilora.measure.HostMemory), seconds per step, tokens/s, and the first loss (the same
-weights in both stacks: the two agree to the quantization's rounding). Figures, not asserts: written to
-results/bench_7b.md with the machine they were measured on.
+from_pretrained with a BitsAndBytesConfig) and takes one untimed and one timed optimizer step of the qlora-7b
+recipe (--warmup). Reported per stack, the median over the rounds: setup (loading the folder, the adapter and
+the optimizer), the peak memory (resident and anonymous, minilora.measure.HostMemory), seconds per timed step,
+tokens/s, and the first loss (the same weights in both stacks: the two agree to the quantization's rounding).
+Figures, not asserts: written to results/bench_7b.md with the machine they were measured on.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def run_once(args, stack: str, model_args: list[str], out: Path) -> dict:
     """One process of scripts/qlora_7b.py for one stack; its result row (or a row saying how it failed)."""
     cmd = shlex.split(args.wrap) + [sys.executable, str(ROOT / "scripts" / "qlora_7b.py"), *model_args,
                                     "--stack", stack, "--device", "cpu", "--seq-len", str(args.seq_len),
-                                    "--steps", "1", "--warmup", "0", "--grad-accum", "1", "--r", str(args.r),
+                                    "--steps", "1", "--warmup", str(args.warmup), "--grad-accum", "1",
+                                    "--r", str(args.r),
                                     "--compute-dtype", args.compute_dtype, "--json", str(out)]
     print("$", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
@@ -129,6 +130,9 @@ def main(argv=None) -> int:
                    help="load a checkpoint folder written first, or build from random weights (no disk)")
     p.add_argument("--stacks", default=",".join(STACKS), help="comma-separated: minilora, peft")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps before the timed one (the first pays one-time costs: compiling the native "
+                        "decode, creating the optimizer state)")
     p.add_argument("--wrap", default="", help="a command to run each process under, e.g. a memory cgroup tool")
     p.add_argument("--keep", help="write the checkpoint folder here and keep it (default: a temporary folder)")
     p.add_argument("--predict", type=float, metavar="HOST_GIB", help="only print the memory model's table")
