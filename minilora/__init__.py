@@ -11,10 +11,11 @@ The package is a house with floors; each module imports only from the floors bel
               frozen_linear  a frozen base's matmul; its input gradient in the layout fast here (chapter 6)
               targets     peft's rules for which modules get an adapter, and with which rank (chapter 1)
               adapter_files  peft's adapter folder: file names, plain settings, strict reading
+              checkpoint_files  a checkpoint folder's safetensors: headers checked, one tensor read at a time
     floor 1   bypass      what LoRA and AdaLoRA layers share, target matching, merging     (chapter 1)
               nf4         NF4 / FP4 / Int4 codes, blockwise absmax quantization, packing   (chapter 3)
               architecture a Llama's shapes and exact parameter counts                    (chapter 7)
-              measure     bytes measured on a real model: saved activations, held state    (chapter 7)
+              measure     bytes measured on a real model; what the process holds (CPU peaks) (chapter 7)
               page_pool   which page leaves a full pool (LRU), paging counters            (chapter 5)
               loop        the one training step, sampler, evaluator and data class         (chapter 6)
               lora_config LoraConfig: which layers, which rank, what else trains (peft's options)
@@ -25,6 +26,7 @@ The package is a house with floors; each module imports only from the floors bel
               activations the bytes autograd saves for backward, tensor by tensor          (chapter 7)
               data        the running example: a tiny Llama and a new skill to teach it
               options     every option of a training run, its default, help and check; recipes
+              model_builder  the one way to build a model: skeleton on meta, then layer by layer (ch. 7)
     floor 3   adalora     importance scores, the budget schedule, RankAllocator            (chapter 2)
               family      LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+                        (chapter 1)
               switching   several adapters on one model: set, disable, delete, combine     (chapter 1)
