@@ -133,10 +133,11 @@ class Checkpoint:
         """Every tensor the index lists, found in the header of the shard it names."""
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: not a safetensors index (a JSON object with a \"weight_map\" "
-                             f"of tensor name -> file name)") from None
+                             f"of tensor name -> file name)")
         headers = {}
         for file in sorted(set(weight_map.values())):
             tensors = sorted(name for name, f in weight_map.items() if f == file)
