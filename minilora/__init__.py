@@ -15,10 +15,12 @@ floors; each module imports only from the floors below it, and the core is below
               targets     peft's rules for which modules get an adapter, and with which rank (chapter 1)
               page_pool   the paged optimizer's counters (its LRU pool is core.paged's)  (chapter 5)
               adapter_files  peft's adapter folder: file names, plain settings, strict reading
+              peft_layer  peft's options for where an adapter lives, and its layer-level names (chapter 1)
+              checkpoint_files  a checkpoint folder's safetensors: headers checked, one tensor read at a time
     floor 1   bypass      what the package's bypass layers add to the core's; merging     (chapter 1)
               nf4         core.nf4's quantize/dequantize, checked and in fast kernels     (chapter 3)
               architecture a Llama's shapes and exact parameter counts                    (chapter 7)
-              measure     bytes measured on a real model: saved activations, held state    (chapter 7)
+              measure     bytes measured on a real model; what the process holds (CPU peaks) (chapter 7)
               loop        the one training step, sampler, evaluator and data class         (chapter 6)
               lora_config LoraConfig: which layers, which rank, what else trains (peft's options)
     floor 2   lora        the LoRA bypass h = W0 x + (α/r) B A x, several adapters, add_lora (chapter 1)
@@ -28,6 +30,7 @@ floors; each module imports only from the floors below it, and the core is below
               activations the bytes autograd saves for backward, tensor by tensor          (chapter 7)
               data        the running example: a tiny Llama and a new skill to teach it
               options     every option of a training run, its default, help and check; recipes
+              model_builder  the one way to build a model: skeleton on meta, then layer by layer (ch. 7)
     floor 3   adalora     importance scores, the budget schedule, RankAllocator            (chapter 2)
               family      LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+                        (chapter 1)
               switching   several adapters on one model: set, disable, delete, combine     (chapter 1)

@@ -102,7 +102,7 @@ def load_adalora_state(model: nn.Module, config: AdaLoraConfig, rank_pattern: di
         try:
             names = find_target_modules(model, config.target_modules)
             for name in names:   # before anything of size init_r is built (init_r: 100000000 is 0.8 GB a list)
-                check_rank_bound(model.get_submodule(name), config.init_r, "init_r")
+                check_rank_bound(model.get_submodule(name), config.init_r, "init_r", name)
         except (ValueError, TypeError) as err:
             raise type(err)(f"{source}: target_modules={config.target_modules!r}, init_r={config.init_r} "
                             f"do not fit {type(model).__name__}: {err}") from err

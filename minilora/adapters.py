@@ -277,7 +277,7 @@ def load_lora_state(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
     try:
         layout = lora_layout(model, config)
         for name in find_target_modules(model, config.target_modules, **config.rules()):
-            check_rank_bound(model.get_submodule(name), config.rank_and_alpha(name)[0], "r")
+            check_rank_bound(model.get_submodule(name), config.rank_and_alpha(name)[0], "r", name)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{source}: the config does not fit {type(model).__name__}: {err}") from err
     check_tensors(tensors, layout, weights_file)

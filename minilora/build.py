@@ -2,9 +2,10 @@
 dtype, the model, the method that turns it into what trains (full, LoRA, AdaLoRA, QLoRA), the data, the
 optimizer and the learning-rate schedule.
 
-Each function checks what it is given and raises before anything is written: minilora.train builds every
-piece first and only then creates the run folder. scripts/qlora_7b.py builds its optimizer and schedule here
-too, so the 7B measurement runs the recipe the command line runs.
+Each function checks what it is given and raises before anything is written: minilora.train checks the model's
+plan, the data and the adapter's targets before it builds the model (`plan_model`, `load_data`,
+`check_targets`, then `build_model`), and creates the run folder only after that. scripts/qlora_7b.py builds
+its model, method, optimizer and schedule here too, so the 7B measurement runs the recipe the command line runs.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from torch import nn
 from minilora import data as running_example
 from minilora.adalora import AdaLoraConfig, RankAllocator, add_adalora
 from minilora.architecture import PRESETS
-from minilora.instructions import CharTokenizer, HFTokenizer, read_jsonl, tokenize_records
+from minilora.bypass import check_rank_bound, find_target_modules
+from minilora.instructions import ByteTokenizer, CharTokenizer, HFTokenizer, read_jsonl, tokenize_records
 from minilora.loop import TokenData
 from minilora.lora import LoraConfig, add_lora
+from minilora.model_builder import ModelPlan, plan_checkpoint, plan_random, preset_config, skeleton, state_weights
 from minilora.options import RECIPES, RUNNING_EXAMPLE, TrainConfig
 from minilora.paged import PagedAdamW
 from minilora.qlora import enable_gradient_checkpointing, prepare_for_kbit_training, quantize_model
@@ -55,26 +58,29 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(config: TrainConfig, dtype: torch.dtype):
-    """(model, tokenizer or None): "tiny", a preset architecture of minilora.memory with random weights, or a
-    local Hugging Face folder. `dtype`: the dtype the weights are loaded in."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def plan_model(config: TrainConfig, dtype: torch.dtype) -> tuple[ModelPlan, object]:
+    """(the model's plan, its tokenizer or None): everything about the model that can be checked before a
+    weight is read (minilora.model_builder): its architecture as a skeleton on the meta device, a checkpoint
+    folder's files against it, the tokenizer. `dtype`: the dtype the weights are built in.
+
+    "tiny" is the running example (pretrained, or random with --random-init; its letters tokenizer); a preset
+    of minilora.architecture is only an architecture, so it needs --random-init, and its tokenizer reads text
+    as UTF-8 bytes (random weights match no real tokenizer); a local Hugging Face folder has its config.json,
+    safetensors weights (or random ones with --random-init) and its own tokenizer files, if any.
+    """
+    from transformers import AutoConfig, AutoTokenizer
 
     if config.model == "tiny":
-        if config.random_init:
-            model = running_example.build_tiny_llama(seed=config.seed)
-        else:
-            model = running_example.pretrained_tiny_llama()
-        return model.to(dtype), CharTokenizer()
+        tiny = (running_example.build_tiny_llama(seed=config.seed) if config.random_init
+                else running_example.pretrained_tiny_llama())
+        return ModelPlan(skeleton(tiny.config, dtype), state_weights(tiny.state_dict()), dtype), CharTokenizer()
     if config.model in PRESETS:
         if not config.random_init:
             raise ValueError(f"--model {config.model}: a preset is only an architecture (no weights are "
                              f"downloaded here); add --random-init, or give a local Hugging Face folder")
-        llama = LlamaConfig(**PRESETS[config.model], max_position_embeddings=2048, rms_norm_eps=1e-6,
-                            tie_word_embeddings=False)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            return LlamaForCausalLM._from_config(llama, dtype=dtype), None
+        plan = plan_random(preset_config(config.model), dtype, config.seed)
+        fits_bytes = plan.skeleton.config.vocab_size >= ByteTokenizer.vocab_size
+        return plan, ByteTokenizer() if fits_bytes else None
     folder = Path(config.model)
     if not folder.is_dir():
         raise FileNotFoundError(f"--model {config.model!r}: no such folder, and not a known name "
@@ -82,13 +88,33 @@ def load_model(config: TrainConfig, dtype: torch.dtype):
     if not (folder / "config.json").is_file():
         raise ValueError(f"--model {config.model!r}: not a Hugging Face model folder (no config.json in it)")
     if config.random_init:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+        plan = plan_random(AutoConfig.from_pretrained(folder), dtype, config.seed)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        plan = plan_checkpoint(folder, dtype)
     tokenizer = None
     if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(folder))
-    return model, tokenizer
+    return plan, tokenizer
+
+
+def check_targets(model: nn.Module, config: TrainConfig) -> None:
+    """The adapter's target modules match layers of `model` (a skeleton will do), and --r fits each of them
+    (minilora.bypass.check_rank_bound: `--lora-r 1000000` is a typo that would exhaust the memory): a mistake
+    fails here, before any weight or adapter is built."""
+    if config.method != "full":
+        for name in find_target_modules(model, config.target_modules()):
+            check_rank_bound(model.get_submodule(name), config.r, "--r", name)
+
+
+def build_model(plan: ModelPlan, config: TrainConfig, device: torch.device, compute_dtype: torch.dtype):
+    """The planned model on `device`, one decoder layer at a time; for QLoRA each layer's linears are quantized
+    (minilora.qlora.quantize_model) as soon as the layer exists, so the 16-bit model never does."""
+    quantize = None
+    if config.method == "qlora":
+        def quantize(layer: nn.Module) -> nn.Module:
+            return quantize_model(layer, blocksize=config.blocksize, double_quant=config.double_quant,
+                                  quant_type=config.quant_type, compute_dtype=compute_dtype, skip=())
+    return plan.build(device, quantize)
 
 
 def adapter_config(config: TrainConfig) -> LoraConfig | AdaLoraConfig | None:
@@ -102,8 +128,9 @@ def adapter_config(config: TrainConfig) -> LoraConfig | AdaLoraConfig | None:
     return None if config.method == "full" else LoraConfig(r=config.r, **common)
 
 
-def apply_method(model: nn.Module, config: TrainConfig, compute_dtype: torch.dtype):
-    """Turn the loaded model into what `config.method` trains, in place; returns (adapter config, allocator)."""
+def apply_method(model: nn.Module, config: TrainConfig):
+    """Turn the built model (QLoRA's quantized already) into what `config.method` trains, in place; returns
+    (adapter config, allocator)."""
     adapter = adapter_config(config)
     if adapter is None:  # full fine-tuning: every weight trains
         model.requires_grad_(True)
@@ -111,15 +138,13 @@ def apply_method(model: nn.Module, config: TrainConfig, compute_dtype: torch.dty
             model.config.use_cache = False
             enable_gradient_checkpointing(model)
         return None, None
-    if config.method == "qlora":
-        quantize_model(model, blocksize=config.blocksize, double_quant=config.double_quant,
-                       quant_type=config.quant_type, compute_dtype=compute_dtype)
     # Adapters: freeze the base, norms in fp32, checkpointing that still reaches the adapter weights.
     prepare_for_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
     try:
         if isinstance(adapter, AdaLoraConfig):
-            return adapter, RankAllocator(add_adalora(model, adapter), adapter)
-        add_lora(model, adapter)
+            layers = add_adalora(model, adapter, autocast_adapter_dtype=config.autocast_adapter_dtype)
+            return adapter, RankAllocator(layers, adapter)
+        add_lora(model, adapter, autocast_adapter_dtype=config.autocast_adapter_dtype)
         return adapter, None
     except ValueError as err:
         recipe = f" (--recipe {config.recipe} chose r={config.r}; give --r, or a larger --model)"
@@ -133,7 +158,9 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[TokenData, TokenData | No
                 running_example.make_task("finetune", config.eval_samples, seed=EVAL_DATA_SEED))
     if tokenizer is None:
         raise ValueError(f"--data {config.data}: a JSONL file needs a tokenizer, and --model {config.model} "
-                         f"has none (a Hugging Face folder with tokenizer files, or 'tiny')")
+                         f"has none (a Hugging Face folder brings its tokenizer files, 'tiny' its letters, a "
+                         f"preset with --random-init reads UTF-8 bytes if its vocabulary has "
+                         f"{ByteTokenizer.vocab_size} tokens or more)")
     train = tokenize_records(read_jsonl(config.data, "--data"), tokenizer, config.max_seq_len, config.data)
     if config.eval_data is None:
         return train, None

@@ -71,17 +71,19 @@ def check_base(base: nn.Module) -> None:
                         f"got dtype={base.weight.dtype}")
 
 
-def check_rank_bound(base: nn.Module, r: int, what: str) -> None:
+def check_rank_bound(base: nn.Module, r: int, what: str, name: str = "") -> None:
     """ValueError if rank r (read from a file or the command line: `what` says where) exceeds max(in_features,
-    out_features) of `base`: then each factor alone, A (r x in) or B (out x r), holds more numbers than the
-    weight it adapts, so the rank is a typo (or a hostile file), and it is refused before anything of its size
-    is built. Ranks between min(in, out) and max(in, out) are allowed, with `warn_oversized_ranks`' warning."""
+    out_features) of `base` (the layer `name`): then each factor alone, A (r x in) or B (out x r), holds more
+    numbers than the weight it adapts, so the rank is a typo (or a hostile file), and it is refused before
+    anything of its size is built. Ranks between min(in, out) and max(in, out) are allowed, with
+    `warn_oversized_ranks`' warning."""
     bound = max(base.in_features, base.out_features)
     if r > bound:
+        layer = f" of {name}" if name else ""
         raise ValueError(f"{what}={r} is larger than max(in_features, out_features) = max({base.in_features}, "
-                         f"{base.out_features}): each factor of the update would hold more numbers than the weight "
-                         f"it adapts (ranks above min(in, out) = {min(base.in_features, base.out_features)} "
-                         f"already add nothing)")
+                         f"{base.out_features}){layer}: each factor of the update would hold more numbers than "
+                         f"the weight it adapts (ranks above min(in, out) = "
+                         f"{min(base.in_features, base.out_features)} already add nothing)")
 
 
 def warn_oversized_ranks(model: nn.Module, ranks: dict[str, int]) -> None:

@@ -2,7 +2,8 @@
 with the loss on the response only, served as shuffled micro-batches that can restart at any position.
 
     read_jsonl (errors name the file and the line) → a tokenizer (CharTokenizer for the running example,
-    HFTokenizer for a Hugging Face model) → tokenize_records → minilora.loop.TokenData (→ loop.Batches)
+    HFTokenizer for a Hugging Face model, ByteTokenizer for a preset with random weights) → tokenize_records
+    → minilora.loop.TokenData (→ loop.Batches)
 
 minilora.build reads `--data` and `--eval-data` through these (`load_data`); scripts/qlora_7b.py uses them directly.
 """
@@ -72,6 +73,21 @@ class CharTokenizer:
 
     def response_ids(self, text: str) -> list[int]:
         return running_example.encode(text)
+
+
+class ByteTokenizer:
+    """Text as UTF-8 bytes, for a preset with random weights (no real tokenizer matches them): byte b is token
+    3 + b, which in Llama's vocabulary is its byte-fallback token <0xb>; the prompt starts with <s> (1), the
+    response ends with </s> (2), padding is <unk> (0). Needs a vocabulary of `vocab_size` = 259 tokens."""
+
+    pad_token_id, bos_token_id, eos_token_id, first_byte_id = 0, 1, 2, 3
+    vocab_size = first_byte_id + 256
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return [self.bos_token_id] + [self.first_byte_id + b for b in text.encode("utf-8")]
+
+    def response_ids(self, text: str) -> list[int]:
+        return [self.first_byte_id + b for b in text.encode("utf-8")] + [self.eos_token_id]
 
 
 class HFTokenizer:

@@ -1,11 +1,23 @@
-"""Measuring on a real model the bytes the memory model predicts: saved activations and held state.
+"""Measuring on a real model the bytes the memory model predicts, and what a process really holds.
 
-Each function counts tensors' bytes (`nbytes`, deduplicated by storage), never process RSS, so the counts are
-exact and the same on every machine. `minilora.memory` predicts the same quantities from the architecture;
-the tests compare the two byte for byte on the tiny model.
+Two kinds of measurement, for two questions:
+
+* *Tensor bytes* (`measure_saved_bytes`, `measure_training_bytes`, `held_tensor_bytes`): tensors' `nbytes`,
+  deduplicated by storage, never process memory, so the counts are exact and the same on every machine.
+  `minilora.memory` predicts the same quantities from the architecture; the tests compare the two byte for byte
+  on the tiny model.
+* *Process memory* (`HostMemory`): what the operating system sees this process hold over a stretch of code,
+  its peak resident and anonymous memory, the CPU counterpart of `torch.cuda.max_memory_allocated`: the number
+  that decides whether a run fits a machine. It holds more than the tensors: the Python and torch runtime,
+  the allocator's free-but-kept memory, mapped libraries and files (chapter 7, "Two kinds of peak").
 """
 
 from __future__ import annotations
+
+import resource
+import sys
+import threading
+from pathlib import Path
 
 import torch
 
@@ -71,3 +83,78 @@ def held_tensor_bytes(obj) -> int:
     is_container = isinstance(obj, (torch.Tensor, dict, list, tuple))
     visit(obj if is_container else vars(obj))
     return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process memory, as the operating system counts it
+# ----------------------------------------------------------------------------------------------------
+
+STATUS = Path("/proc/self/status")  # Linux: the process's memory counters, in kB
+
+
+def status_bytes() -> dict[str, int]:
+    """This process's memory counters from /proc/self/status (Linux), in bytes: VmRSS (resident now), VmHWM
+    (resident high-water mark), RssAnon (anonymous: memory only this process holds), RssFile (mapped files and
+    libraries). {} where there is no /proc."""
+    try:
+        lines = STATUS.read_text().splitlines()
+    except OSError:
+        return {}
+    fields = (line.split() for line in lines if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile")))
+    return {f[0].rstrip(":"): int(f[1]) * 1024 for f in fields}
+
+
+class HostMemory:
+    """The peak resident and anonymous memory of this process while a `with` block runs:
+
+        with HostMemory() as host:
+            train(...)
+        host.resident, host.anonymous          # bytes
+
+    resident   the kernel's own high-water mark of the resident set (VmHWM), reset when the block starts by
+               writing 5 to /proc/self/clear_refs, so it is exact; it counts file-backed pages too (the mapped
+               torch libraries, a memory-mapped checkpoint), which a memory cap can reclaim. Where the reset is
+               not allowed, the highest resident size sampled; without /proc, getrusage's ru_maxrss (since the
+               process started).
+    anonymous  the highest RssAnon sampled every `interval` seconds by a background thread: memory that only
+               this process holds (tensors, the Python heap, the allocator's kept pages), which is what a
+               memory cap (a cgroup, a Colab host) cannot take back. A spike shorter than `interval` can be
+               missed. None without /proc.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.resident = self.anonymous = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="HostMemory")
+        self._exact = False
+
+    def __enter__(self) -> HostMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+            self._exact = True
+        except OSError:
+            self._exact = False
+        self._peaks = status_bytes()
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._record(status_bytes())
+
+    def _record(self, now: dict[str, int]) -> None:
+        for key, value in now.items():
+            self._peaks[key] = max(self._peaks.get(key, 0), value)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = status_bytes()
+        self._record(now)
+        if not now:  # no /proc: the process's peak so far (KiB on Linux, bytes on macOS)
+            unit = 1 if sys.platform == "darwin" else 1024
+            self.resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+            return
+        self.resident = now["VmHWM"] if self._exact else self._peaks["VmRSS"]
+        self.anonymous = self._peaks.get("RssAnon")

@@ -46,10 +46,12 @@ from minilora.adalora import AdaLoraConfig, RankAllocator, orthogonal_penalty
 from minilora.adapters import save_adapter
 from minilora.build import (
     apply_method,
+    build_model,
     build_optimizer,
     build_scheduler,
+    check_targets,
     load_data,
-    load_model,
+    plan_model,
     resolve_compute_dtype,
     resolve_device,
 )
@@ -65,7 +67,8 @@ from minilora.checkpoints import (
     write_metrics,
 )
 from minilora.loop import Batches, Progress, TokenData, evaluate, train_step
-from minilora.lora import LoraConfig, count_parameters, find_target_modules
+from minilora.lora import LoraConfig, count_parameters
+from minilora.measure import HostMemory
 from minilora.options import HELP, RECIPES, TrainConfig, flag, make_config
 from minilora.qlora import model_nbytes
 
@@ -98,11 +101,15 @@ def build_run(config: TrainConfig, job: distributed.Distributed) -> Run:
     random.seed(config.seed)  # the same seed on every rank: the same initial adapter everywhere
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    # Weights: trained ones in fp32 (full fine-tuning's master copy), frozen ones in the compute dtype.
-    model, tokenizer = load_model(config, torch.float32 if config.method == "full" else compute_dtype)
-    check_rank_fits_layers(model, config)  # before the adapter is allocated
+    # Every check that needs no weight comes first: the model's architecture and checkpoint files, the data,
+    # the adapter's targets. Then the model is built on the device one decoder layer at a time (QLoRA quantizes
+    # each as it comes). Weights: trained ones in fp32 (full fine-tuning's master copy), frozen ones in the
+    # compute dtype.
+    plan, tokenizer = plan_model(config, torch.float32 if config.method == "full" else compute_dtype)
     train_data, eval_data = load_data(config, tokenizer)
-    adapter, allocator = apply_method(model.to(job.device), config, compute_dtype)
+    check_targets(plan.skeleton, config)
+    model = build_model(plan, config, job.device, compute_dtype)
+    adapter, allocator = apply_method(model, config)
     forward = job.wrap(model)  # DDP's wrapper, or model itself (FSDP shards it in place)
     opt_params = job.optimizer_params([p for p in model.parameters() if p.requires_grad])
     optimizer = build_optimizer(opt_params, config)
@@ -115,25 +122,6 @@ def build_run(config: TrainConfig, job: distributed.Distributed) -> Run:
     return Run(model, forward, adapter, allocator, train_data, eval_data, opt_params, optimizer,
                build_scheduler(optimizer, config), Batches(train_data, config.batch_size, seed=config.seed),
                autocast, extra_loss)
-
-
-def check_rank_fits_layers(model: nn.Module, config: TrainConfig) -> None:
-    """ValueError if --r is larger than max(in_features, out_features) of a layer it adapts.
-
-    Up to min(in, out) a rank can raise the rank of B A; above it peft trains anyway, and so do we, with a
-    warning (minilora.bypass). Above max(in, out) each factor alone — A (r × in), B (out × r) — holds more
-    numbers than the weight (out × in) it adapts: training the layer itself would be smaller. Such a rank
-    (`--lora-r 1000000`) is a typo, and allocating it would exhaust the memory, so it is refused here,
-    before anything is allocated."""
-    if config.method == "full":
-        return
-    for name in find_target_modules(model, config.target_modules()):
-        layer = model.get_submodule(name)
-        if config.r > max(layer.in_features, layer.out_features):
-            raise ValueError(f"--r {config.r} is larger than max(in_features, out_features) = "
-                             f"max({layer.in_features}, {layer.out_features}) of {name}: each factor of B A "
-                             f"would hold more numbers than the weight it adapts (ranks above min(in, out) = "
-                             f"{min(layer.in_features, layer.out_features)} already add nothing)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,9 +142,10 @@ class TrainResult:
     trainable_params: int
     all_params: int
     model_bytes: int
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory
     seconds: float
     model: nn.Module = field(repr=False)
+    peak_anonymous_bytes: int | None = None  # CPU: the process's peak anonymous memory (sampled)
 
 
 def train(config=None, **overrides) -> TrainResult:
@@ -170,9 +159,13 @@ def train(config=None, **overrides) -> TrainResult:
         torch.set_num_threads(config.threads)
     job = distributed.setup(config.distributed, resolve_device(config.device))
     try:
-        return _train(config, job)
+        with HostMemory() as host:  # on a CPU, the run's peak is the process's (minilora.measure)
+            result = _train(config, job)
     finally:
         job.close()
+    if job.device.type != "cuda":
+        result.peak_memory_bytes, result.peak_anonymous_bytes = host.resident, host.anonymous
+    return result
 
 
 def _train(config: TrainConfig, job: distributed.Distributed) -> TrainResult:
@@ -243,17 +236,11 @@ def _finish(run: Run, config: TrainConfig, job, run_dir: Path, rows: list[dict],
              for r in rows if r["eval_loss"] is not None]
     final_eval = evals[-1] if evals and evals[-1]["step"] == config.max_steps else None
     trainable, total = count_parameters(run.model)
-    peak = torch.cuda.max_memory_allocated(job.device) if job.device.type == "cuda" else _peak_rss()
+    peak = torch.cuda.max_memory_allocated(job.device) if job.device.type == "cuda" else 0  # CPU: see train()
     return TrainResult(config=config, run_dir=run_dir, losses=[r["loss"] for r in rows], evals=evals,
                        final_eval=final_eval, trainable_params=trainable, all_params=total,
                        model_bytes=model_bytes, peak_memory_bytes=peak, seconds=time.perf_counter() - started,
                        model=run.model)
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,7 +302,11 @@ def main(argv=None) -> int:
     if result.final_eval is not None:
         final = result.final_eval
         print(f"final eval: loss {final['loss']:.4f}, accuracy {final['accuracy']:.4f}")
-    print(f"peak memory: {result.peak_memory_bytes / 2**20:.1f} MiB")
+    if result.peak_anonymous_bytes is None:
+        print(f"peak memory: {result.peak_memory_bytes / 2**20:.1f} MiB")
+    else:  # CPU: the process's memory (chapter 7, "Two kinds of peak")
+        print(f"peak memory: {result.peak_memory_bytes / 2**20:.1f} MiB resident, "
+              f"{result.peak_anonymous_bytes / 2**20:.1f} MiB anonymous")
     return 0
 
 

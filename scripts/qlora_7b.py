@@ -1,35 +1,42 @@
-"""QLoRA on a 7B model on one GPU: memory, tokens/s and MFU, minilora beside transformers + bitsandbytes + peft.
+"""QLoRA on a 7B model: memory, time per step, tokens/s and MFU, minilora beside transformers + bitsandbytes + peft.
 
     # measure without weights: the architecture of a preset, random weights, synthetic data
     python scripts/qlora_7b.py --config llama-7b --random-init --seq-len 512 --steps 3 --stack both
-    # fine-tune a local Hugging Face checkpoint on a JSONL file of {"prompt", "response"}
+    # the same on a CPU, one step at seq 64 (about 8 GiB; chapter 7, "The 7B recipe on a CPU")
+    python scripts/qlora_7b.py --config llama-7b --random-init --device cpu --seq-len 64 --steps 1 --warmup 0 \
+        --grad-accum 1
+    # fine-tune a local checkpoint folder (safetensors) on a JSONL file of {"prompt", "response"}
     python scripts/qlora_7b.py --model /data/llama-7b-hf --data train.jsonl --steps 100
-    # seconds on a CPU, no CUDA: the code path of the above on the book's tiny model (tests use it)
-    python scripts/qlora_7b.py --config tiny --random-init --dry-run
+    # seconds on a CPU: the code path of the above on the book's tiny shape (tests use it)
+    python scripts/qlora_7b.py --dry-run
 
 The recipe is the QLoRA paper's for 7B (minilora.options.RECIPES["qlora-7b"]): NF4 with double
 quantization, LoRA r 64, α 16, dropout 0.1 on every linear layer but the head, lr 2e-4, max_grad_norm 0.3,
 paged AdamW, batch 1 × 16 gradient accumulation, gradient checkpointing, bf16 compute.
 
-Building a 7B model without ever holding it in 16 bits: the model is first built on the *meta* device (shapes,
-no memory), then every piece is replaced by a real one on the GPU, one decoder layer at a time, and each
-layer's seven linear layers are quantized before the next layer is built (`build_random_model`). The peak is
-the 4-bit model plus one 16-bit layer (~0.4 GB), never the 13.5 GB of a bf16 7B. A checkpoint folder is read
-by transformers in bf16 into host memory and moved to the GPU layer by layer, quantizing as it goes.
+The model is built as `python -m minilora.train` builds it (minilora.build.plan_model and build_model, on
+minilora.model_builder): its skeleton on the meta device, then one decoder layer at a time, read from the
+checkpoint's safetensors files or drawn at random, each quantized before the next exists. The peak is the 4-bit
+model plus one 16-bit layer plus the embeddings and head, never the 13.5 GB of a bf16 7B. The transformers +
+bitsandbytes + peft stack gets the same random weights through the same builder, with bitsandbytes' Linear4bit
+as the quantizer; from a checkpoint folder it loads as its users do, `from_pretrained(folder,
+quantization_config=BitsAndBytesConfig(...))`.
 
-Both stacks quantize the same random weights (each layer is drawn from seed + layer index), then run the same
-timed loop (`run_steps`: minilora.loop.train_step, the step of minilora.train and of the notebooks):
-`warmup` optimizer steps, then `steps` timed
-ones. Reported per stack:
+Both stacks then run the same timed loop (`run_steps`: minilora.loop.train_step, the step of minilora.train
+and of the notebooks): `warmup` optimizer steps, then `steps` timed ones. Reported per stack:
 
-    peak memory   torch.cuda.max_memory_allocated over setup + training (what the memory model predicts)
+    setup s       building (or loading) the model, the adapter and the optimizer
+    peak memory   GPU: torch.cuda.max_memory_allocated over setup + training (the allocator's high-water mark);
+                  CPU: the process's peak resident and anonymous memory over setup + training
+                  (minilora.measure.HostMemory; chapter 7, "Two kinds of peak")
+    predicted     minilora.memory.estimate(...) for the same setup, next to the measurement
+    s/step        wall time of one timed optimizer step (grad_accum micro-batches)
     tokens/s      trained tokens (attention-mask ones) in the timed steps ÷ their wall time
     MFU           tokens/s × FLOPs/token ÷ the GPU's peak dense bf16 FLOP/s, FLOPs/token =
                   minilora.memory.training_flops_per_token(N, "qlora", gradient_checkpointing=False) = 4N:
                   forward 2N + input-gradient backward 2N (no weight gradients for the frozen base), N = all
                   parameters, attention's T² term and the tiny adapters ignored. Checkpointing's recomputed
                   forward (+2N, 6N in all) is real work but not *model* FLOPs: it is reported as HFU.
-    predicted     minilora.memory.estimate(...) for the same setup, next to the measurement
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ import argparse
 import contextlib
 import gc
 import json
+import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,102 +59,34 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(ROOT))
 
 from minilora import memory  # noqa: E402
-from minilora.architecture import PRESETS  # noqa: E402
+from minilora.architecture import PRESETS, architecture, linear_shapes  # noqa: E402
 from minilora.build import (  # noqa: E402
-    adapter_config,
+    apply_method,
+    build_model,
     build_optimizer,
     build_scheduler,
+    load_data,
+    plan_model,
     resolve_compute_dtype,
     resolve_device,
 )
-from minilora.data import tiny_llama_config  # noqa: E402
-from minilora.instructions import CharTokenizer, HFTokenizer, read_jsonl, tokenize_records  # noqa: E402
 from minilora.loop import Batches, Job, TokenData, train_step  # noqa: E402
-from minilora.lora import add_lora, count_parameters  # noqa: E402
-from minilora.options import TrainConfig, make_config  # noqa: E402
-from minilora.qlora import prepare_for_kbit_training, quantize_model  # noqa: E402
+from minilora.lora import count_parameters  # noqa: E402
+from minilora.measure import HostMemory  # noqa: E402
+from minilora.options import RUNNING_EXAMPLE, TrainConfig, make_config  # noqa: E402
+from minilora.paged import page_bytes_for  # noqa: E402
 
 STACKS = ("minilora", "peft", "both")
 # Peak dense bf16 tensor-core FLOP/s (no sparsity), NVIDIA datasheets; first matching name wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("A100", 312),
                     ("L40S", 362), ("L4", 121), ("A10", 125))
-DRY_RUN = dict(config="tiny", random_init=True, seq_len=[16], samples=8, steps=1, warmup=1, grad_accum=2,
-               r=4, device="cpu")
+DRY_RUN = dict(config="tiny-llama", model=None, random_init=True, seq_len=[16], samples=8, steps=1, warmup=1,
+               grad_accum=2, r=4, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------
-# The model: a preset's architecture with random weights, or a local checkpoint, quantized layer by layer
+# The quantizer of the transformers + bitsandbytes + peft stack
 # ----------------------------------------------------------------------------------------------------
-
-
-def model_config(name: str, seq_len: int):
-    """A transformers LlamaConfig for a preset of minilora.memory (or "tiny", the running example's shape)."""
-    from transformers import LlamaConfig
-
-    if name == "tiny":
-        config = tiny_llama_config()
-    elif name in PRESETS:
-        config = LlamaConfig(**PRESETS[name], rms_norm_eps=1e-5, use_cache=False)
-    else:
-        raise ValueError(f"--config must be 'tiny' or one of {sorted(PRESETS)}, got {name!r}")
-    config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
-    return config
-
-
-def _real_module(make, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    with torch.device(device):
-        return make().to(dtype)
-
-
-def build_random_model(config, device: torch.device, dtype: torch.dtype, quantize_layer, seed: int = 0):
-    """A LlamaForCausalLM with random weights whose decoder linears go through `quantize_layer(layer)` one
-    decoder layer at a time, on `device`: the 16-bit model never exists whole.
-
-    Step 1 builds the skeleton on the meta device (every tensor a shape without storage). Step 2 replaces the
-    embeddings, final norm, rotary table and head by real modules. Step 3 builds each decoder layer for real
-    (random weights from seed + layer index, so both stacks get the same ones) and quantizes it at once.
-    """
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    inner = model.model
-    torch.manual_seed(seed)
-    inner.embed_tokens = _real_module(lambda: nn.Embedding(config.vocab_size, config.hidden_size,
-                                                           config.pad_token_id), device, dtype)
-    inner.norm = _real_module(lambda: type(inner.norm)(config.hidden_size, eps=config.rms_norm_eps), device, dtype)
-    with torch.device(device):
-        inner.rotary_emb = type(inner.rotary_emb)(config=config)  # its inv_freq table stays fp32
-    model.lm_head = _real_module(lambda: nn.Linear(config.hidden_size, config.vocab_size, bias=False),
-                                 device, dtype)
-    for index in range(config.num_hidden_layers):
-        torch.manual_seed(seed + 1 + index)
-        layer_class = type(inner.layers[index])
-        layer = _real_module(lambda: layer_class(config, layer_idx=index), device, dtype)
-        inner.layers[index] = quantize_layer(layer)  # the 16-bit linears are freed here
-    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise ValueError(f"build_random_model: {type(model).__name__} still has meta tensors {left[:5]}; "
-                         f"only Llama-style models (embed_tokens, layers, norm, rotary_emb, lm_head) are supported")
-    return model
-
-
-def load_checkpoint_model(folder: Path, device: torch.device, dtype: torch.dtype, quantize_layer):
-    """A local Hugging Face checkpoint: read in `dtype` into host memory, then moved to `device` one decoder
-    layer at a time, each quantized on arrival (host RAM holds the 16-bit model once; the GPU never does)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    layers = model.model.layers
-    for index in range(len(layers)):
-        layers[index] = quantize_layer(layers[index].to(device))
-    return model.to(device)  # embeddings, norm, head: small next to the blocks
-
-
-def minilora_quantizer(compute_dtype: torch.dtype):
-    """Our Linear4bit (NF4 + double quantization, blocksize 64) for every nn.Linear of one decoder layer."""
-    return lambda layer: quantize_model(layer, blocksize=64, double_quant=True, quant_type="nf4",
-                                        compute_dtype=compute_dtype, skip=())
 
 
 def bnb_quantizer(compute_dtype: torch.dtype, device: torch.device):
@@ -184,34 +125,31 @@ def bnb_config(compute_dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------------
 
 
-def setup_minilora(args, recipe: TrainConfig, device, compute_dtype):
-    quantize = minilora_quantizer(compute_dtype)
-    if args.random_init:
-        model = build_random_model(args.model_config, device, compute_dtype, quantize, seed=args.seed)
-    else:
-        model = load_checkpoint_model(Path(args.model), device, compute_dtype, quantize)
-    prepare_for_kbit_training(model, gradient_checkpointing=True)
-    torch.manual_seed(args.seed)
-    add_lora(model, adapter_config(recipe))
+def setup_minilora(recipe: TrainConfig, device, compute_dtype):
+    """The model, method and optimizer exactly as `python -m minilora.train` builds them."""
+    plan, _ = plan_model(recipe, compute_dtype)
+    model = build_model(plan, recipe, device, compute_dtype)
+    torch.manual_seed(recipe.seed)
+    apply_method(model, recipe)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, build_optimizer(params, recipe)  # minilora.paged.PagedAdamW
 
 
-def setup_peft(args, recipe: TrainConfig, device, compute_dtype):
+def setup_peft(recipe: TrainConfig, device, compute_dtype):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    if args.random_init:
-        model = build_random_model(args.model_config, device, compute_dtype, bnb_quantizer(compute_dtype, device),
-                                   seed=args.seed)
+    if recipe.random_init:  # the same random weights as ours, quantized by bitsandbytes
+        plan, _ = plan_model(recipe, compute_dtype)
+        model = plan.build(device, bnb_quantizer(compute_dtype, device))
         model.is_loaded_in_4bit = True  # as transformers marks a model it loaded with a BitsAndBytesConfig
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb_config(compute_dtype),
+        model = AutoModelForCausalLM.from_pretrained(recipe.model, quantization_config=bnb_config(compute_dtype),
                                                      dtype=compute_dtype, device_map={"": device})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(args.seed)
+    torch.manual_seed(recipe.seed)
     model = get_peft_model(model, LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha,
                                              lora_dropout=recipe.lora_dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
@@ -226,22 +164,16 @@ def setup_peft(args, recipe: TrainConfig, device, compute_dtype):
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_tokens(args, vocab_size: int, seq_len: int) -> TokenData:
-    """Synthetic sequences of exactly seq_len random tokens (every token scored), or a JSONL file."""
-    if args.data == "synthetic":
-        generator = torch.Generator().manual_seed(args.seed)
-        ids = torch.randint(0, vocab_size, (args.samples, seq_len), generator=generator)
-        return TokenData(ids, ids.clone(), torch.ones_like(ids))
-    if args.config == "tiny":
-        tokenizer = CharTokenizer()
-    elif args.model is not None and (Path(args.model) / "config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(args.model))
-    else:
-        raise ValueError(f"--data {args.data}: a JSONL file needs a tokenizer; give --model <checkpoint folder> "
-                         f"(or --config tiny), or use --data synthetic")
-    return tokenize_records(read_jsonl(args.data), tokenizer, seq_len, args.data)
+def load_tokens(args, recipe: TrainConfig, compute_dtype: torch.dtype) -> TokenData:
+    """Synthetic sequences of exactly seq_len random tokens (every token scored), or the JSONL file read as
+    minilora.train reads it (the model's tokenizer; a preset's UTF-8 bytes). Checked before any model is built."""
+    plan, tokenizer = plan_model(recipe, compute_dtype)  # the skeleton only: no weight is read
+    if args.data != "synthetic":
+        return load_data(recipe, tokenizer)[0]
+    generator = torch.Generator().manual_seed(args.seed)
+    vocab_size = plan.skeleton.config.vocab_size
+    ids = torch.randint(0, vocab_size, (args.samples, recipe.max_seq_len), generator=generator)
+    return TokenData(ids, ids.clone(), torch.ones_like(ids))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -292,41 +224,102 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def predicted_bytes(config, recipe: TrainConfig, seq_len: int, stack: str) -> int:
+def predicted_report(config, recipe: TrainConfig, seq_len: int, stack: str, compute_dtype: torch.dtype,
+                     device: torch.device) -> memory.MemoryReport:
     """minilora.memory.estimate for this run. Adapters, their gradients and Adam state are fp32 in both stacks
-    (adapter_bytes=4); peft's prepare_model_for_kbit_training also casts embeddings and head to fp32
-    (weight_bytes=4 for the non-quantized weights), ours keeps them in bf16."""
+    (adapter_bytes=4); the weights that stay 16-bit (embeddings, head, norms) are in the compute dtype in ours
+    and fp32 in peft's (prepare_model_for_kbit_training casts them). Activations are in the compute dtype; the
+    dropout mask is a bool per entry on a GPU and has the compute dtype on a CPU."""
+    compute_bytes = torch.finfo(compute_dtype).bits // 8
     return memory.estimate(config, method="qlora", r=recipe.r, target="all-linear", batch_size=recipe.batch_size,
                            seq_len=seq_len, gradient_checkpointing=True, optimizer="paged_adamw",
-                           lora_dropout=recipe.lora_dropout, adapter_bytes=4,
-                           weight_bytes=4 if stack == "peft" else 2).total
+                           lora_dropout=recipe.lora_dropout, adapter_bytes=4, compute_bytes=compute_bytes,
+                           dropout_mask_bytes=1 if device.type == "cuda" else compute_bytes,
+                           weight_bytes=4 if stack == "peft" else compute_bytes)
 
 
-def measure(stack: str, seq_len: int, args, recipe: TrainConfig, device: torch.device) -> dict:
+def predicted_bytes(config, recipe: TrainConfig, seq_len: int, stack: str, compute_dtype: torch.dtype,
+                    device: torch.device) -> int:
+    return predicted_report(config, recipe, seq_len, stack, compute_dtype, device).total
+
+
+def overhead_terms(config, recipe: TrainConfig, compute_dtype: torch.dtype, runtime: int) -> dict[str, int]:
+    """What a CPU process of our stack holds beyond the memory model's tensors, term by term (chapter 7, "Two
+    kinds of peak"), for a QLoRA run of `config` with minilora's adapters (fp32):
+
+    runtime    the interpreter and the libraries, before any model (measured: `runtime_anonymous_bytes`);
+    decode     Linear4bit decodes each weight into a buffer kept per size (minilora.kernels.scratch), in the
+               compute dtype: one per distinct weight size (at 7B two, 4096 x 4096 and 11008 x 4096);
+    pages      paged AdamW keeps each parameter's state in whole pages (minilora.paged.page_bytes_for): the
+               rounding up of its 8 bytes per adapter parameter;
+    allocator  memory freed but kept by glibc's malloc, which gives back to the system only blocks it mapped on
+               their own, those above its mmap threshold (which grows up to 32 MiB as large blocks are freed); the
+               adapters' gradients and the step's temporaries (1 to 3 MiB each at 7B) stay below it. Bounded by
+               the gradients' bytes: on 12 of 7B's 32 layers, the step's peak was 0.224 GiB higher than with the
+               threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_=131072), the gradients being 0.223 GiB;
+    saving     safetensors' save_file copies every tensor to bytes before writing: the adapter once more.
+    """
+    report = predicted_report(config, recipe, 1, "minilora", compute_dtype, torch.device("cpu"))
+    shapes = list(linear_shapes(config).values())
+    adapter_shapes = [s for d_out, d_in in shapes for s in ((recipe.r, d_in), (d_out, recipe.r))]
+    page = page_bytes_for([torch.empty(s, device="meta") for s in adapter_shapes])
+    per_layer_pages = sum(math.ceil(8 * math.prod(s) / page) for s in adapter_shapes)
+    pages = architecture(config).num_hidden_layers * per_layer_pages * page
+    decode = torch.finfo(compute_dtype).bits // 8 * sum({d_out * d_in for d_out, d_in in shapes})
+    return {"runtime": runtime, "decode": decode, "pages": pages - report.optimizer_state,
+            "allocator": report.gradients, "saving": report.lora_params}
+
+
+def runtime_anonymous_bytes() -> int:
+    """The anonymous memory of a fresh process that has imported what a run imports (the interpreter, torch,
+    transformers, minilora), before any model exists: measured, since it depends on the installed libraries."""
+    code = ("import minilora.train, transformers.models.llama.modeling_llama\n"
+            "from minilora.measure import status_bytes\nprint(status_bytes()['RssAnon'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return int(done.stdout.split()[-1])
+
+
+def recipe_for(args, seq_len: int) -> TrainConfig:
+    """The qlora-7b recipe with this script's options: the model, the sizes, the data's length."""
+    return make_config(recipe="qlora-7b", model=args.config or args.model, random_init=args.random_init,
+                       data=RUNNING_EXAMPLE if args.data == "synthetic" else args.data, max_seq_len=seq_len,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, r=args.r, lr=args.lr,
+                       max_steps=args.warmup + args.steps, seed=args.seed, device=args.device,
+                       compute_dtype=args.compute_dtype)
+
+
+def measure(stack: str, recipe: TrainConfig, data: TokenData, args, device: torch.device) -> dict:
     """Build one stack, train it for warmup + steps, and return its numbers (frees everything after)."""
-    compute_dtype = resolve_compute_dtype(args.compute_dtype, device)
+    compute_dtype = resolve_compute_dtype(recipe.compute_dtype, device)
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     setup = setup_minilora if stack == "minilora" else setup_peft
-    model, params, optimizer = setup(args, recipe, device, compute_dtype)
-    setup_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    data = load_tokens(args, model.config.vocab_size, seq_len)
-    batches = CountingBatches(data, recipe.batch_size, seed=args.seed)
-    scheduler = build_scheduler(optimizer, recipe)
-    timing = run_steps(model, optimizer, scheduler, batches, recipe, device, compute_dtype, args.steps, args.warmup)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    with HostMemory() as host:
+        started = time.perf_counter()
+        model, params, optimizer = setup(recipe, device, compute_dtype)
+        setup_seconds = time.perf_counter() - started
+        setup_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        batches = CountingBatches(data, recipe.batch_size, seed=args.seed)
+        scheduler = build_scheduler(optimizer, recipe)
+        timing = run_steps(model, optimizer, scheduler, batches, recipe, device, compute_dtype, args.steps,
+                           args.warmup)
+    cuda = device.type == "cuda"
     trainable, _ = count_parameters(model)
     n = memory.parameter_counts(model.config)["total"]
     flops_per_token = memory.training_flops_per_token(n, "qlora", gradient_checkpointing=False)  # 4N
     with_recompute = memory.training_flops_per_token(n, "qlora", gradient_checkpointing=True)  # 6N
     peak_flops = peak_tflops(device, args.peak_tflops)
     result = {
-        "stack": stack, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "seq_len": seq_len, "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum,
-        "parameters": n, "trainable": trainable, "setup_bytes": setup_bytes, "peak_bytes": peak,
-        "predicted_bytes": predicted_bytes(model.config, recipe, seq_len, stack),
+        "stack": stack, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "seq_len": data.input_ids.shape[1], "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum,
+        "parameters": n, "trainable": trainable, "setup_seconds": setup_seconds, "setup_bytes": setup_bytes,
+        "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else host.resident,
+        "peak_kind": "allocated (torch.cuda)" if cuda else "resident (process)",
+        "peak_anonymous_bytes": None if cuda else host.anonymous,
+        "predicted_bytes": predicted_bytes(model.config, recipe, data.input_ids.shape[1], stack, compute_dtype,
+                                           device),
         "flops_per_token": flops_per_token, "peak_tflops": peak_flops,
         "mfu": None if peak_flops is None else memory.mfu(timing["tokens_per_s"], flops_per_token, peak_flops * 1e12),
         "hfu": None if peak_flops is None else memory.mfu(timing["tokens_per_s"], with_recompute, peak_flops * 1e12),
@@ -334,7 +327,7 @@ def measure(stack: str, seq_len: int, args, recipe: TrainConfig, device: torch.d
     }
     del model, params, optimizer, scheduler
     gc.collect()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
     return result
 
@@ -353,13 +346,16 @@ def _percent(value) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per (stack, seq_len): measured peak, the memory model's prediction, tokens/s, MFU, HFU."""
-    rows = ["| stack | seq len | batch × accum | peak GiB (measured) | GiB (memory model) | tokens/s | "
-            "MFU (4N) | HFU (6N) | last loss |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per (stack, seq_len): setup time, measured peak (GPU: allocated; CPU: resident and anonymous),
+    the memory model's prediction, time per step, tokens/s, MFU, HFU."""
+    rows = ["| stack | seq len | batch × accum | setup s | peak GiB (measured) | anonymous GiB | "
+            "GiB (memory model) | s/step | tokens/s | MFU (4N) | HFU (6N) | last loss |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        per_step = r["timed_seconds"] / max(1, len(r["losses"]) - r.get("warmup", 0))
         rows.append(f"| {r['stack']} | {r['seq_len']} | {r['batch_size']} × {r['grad_accum']} | "
-                    f"{_gib(r['peak_bytes'])} | {_gib(r['predicted_bytes'])} | {r['tokens_per_s']:,.0f} | "
+                    f"{r['setup_seconds']:.1f} | {_gib(r['peak_bytes'])} | {_gib(r['peak_anonymous_bytes'])} | "
+                    f"{_gib(r['predicted_bytes'])} | {per_step:.2f} | {r['tokens_per_s']:,.1f} | "
                     f"{_percent(r['mfu'])} | {_percent(r['hfu'])} | {r['losses'][-1]:.4f} |")
     return "\n".join(rows)
 
@@ -373,9 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = make_config(recipe="qlora-7b")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="local Hugging Face checkpoint folder (nothing is downloaded)")
+    p.add_argument("--model", help="local Hugging Face checkpoint folder, safetensors (nothing is downloaded)")
     p.add_argument("--config", "--preset", dest="config",
-                   help=f"architecture preset for --random-init: tiny, {', '.join(PRESETS)}")
+                   help=f"architecture preset for --random-init: {', '.join(PRESETS)}")
     p.add_argument("--random-init", action="store_true", help="random weights (memory/speed without weights)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file of {prompt, response}")
     p.add_argument("--seq-len", type=int, nargs="+", default=[512],
@@ -390,12 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", choices=STACKS, default="minilora", help="minilora, peft (+bitsandbytes) or both")
     p.add_argument("--device", default="auto")
     p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's peak dense bf16 TFLOP/s for MFU (default: looked up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results (a list, one entry per stack and length) to this file")
     p.add_argument("--markdown", help="write the results table to this file")
     p.add_argument("--dry-run", action="store_true",
-                   help="CPU, tiny model, 2 steps: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()))
+                   help="CPU, tiny shape, 2 steps: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()))
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="only print the Markdown table of result files")
     return p
 
@@ -404,17 +401,17 @@ def check_args(args) -> None:
     if (args.model is None) == (args.config is None):
         raise ValueError("give exactly one of --model <checkpoint folder> and --config <preset> "
                          f"(got --model={args.model!r}, --config={args.config!r})")
+    if args.config is not None and args.config not in PRESETS:
+        raise ValueError(f"--config must be one of {sorted(PRESETS)}, got {args.config!r}")
     if args.config is not None and not args.random_init:
         raise ValueError(f"--config {args.config}: a preset is only an architecture; add --random-init")
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        raise ValueError(f"--model {args.model!r}: not a Hugging Face checkpoint folder (no config.json in it)")
     if min(args.seq_len) < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     for name in ("samples", "steps", "batch_size", "grad_accum", "r"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.warmup < 0 or args.threads < 0:
+        raise ValueError(f"--warmup and --threads must be >= 0, got {args.warmup} and {args.threads}")
 
 
 def main(argv=None) -> int:
@@ -426,23 +423,22 @@ def main(argv=None) -> int:
     if args.dry_run:
         for key, value in DRY_RUN.items():
             setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         check_args(args)
         device = resolve_device(args.device)
-        if args.random_init:
-            from transformers import AutoConfig
-
-            args.model_config = (model_config(args.config, max(args.seq_len)) if args.config
-                                 else AutoConfig.from_pretrained(args.model))
-        recipe = make_config(recipe="qlora-7b", batch_size=args.batch_size, grad_accum=args.grad_accum, r=args.r,
-                             lr=args.lr, max_steps=args.warmup + args.steps)
         stacks = ("minilora", "peft") if args.stack == "both" else (args.stack,)
         results = []
         for seq_len in args.seq_len:
+            recipe = recipe_for(args, seq_len)
+            data = load_tokens(args, recipe, resolve_compute_dtype(recipe.compute_dtype, device))
             for stack in stacks:
-                results.append(measure(stack, seq_len, args, recipe, device))
-                print(f"{stack}, seq {seq_len}: losses {[round(x, 4) for x in results[-1]['losses']]}, "
-                      f"{results[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+                results.append(dict(measure(stack, recipe, data, args, device), warmup=args.warmup))
+                r = results[-1]
+                print(f"{stack}, seq {r['seq_len']}: losses {[round(x, 4) for x in r['losses']]}, "
+                      f"setup {r['setup_seconds']:.1f} s, {r['tokens_per_s']:,.1f} tokens/s, peak "
+                      f"{_gib(r['peak_bytes'])} GiB {r['peak_kind']}", flush=True)
                 if args.json:  # after every measurement: a run cut short keeps what it measured
                     _write_text(args.json, json.dumps(results, indent=2) + "\n")
     except (ValueError, FileNotFoundError) as err:

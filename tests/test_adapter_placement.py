@@ -283,17 +283,16 @@ def test_command_line_option():
     assert parse_args(["--no-autocast-adapter-dtype"]).autocast_adapter_dtype is False
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="minilora/build.py (issue 22's) does not pass config.autocast_adapter_dtype to "
-                          "add_lora / add_adalora yet; once it does, this passes: remove the mark")
-def test_the_command_line_option_reaches_the_adapters():
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_the_command_line_option_reaches_the_adapters(method):
     from minilora.build import apply_method
     from minilora.data import build_tiny_llama
 
-    config = make_config(method="lora", autocast_adapter_dtype=False)
+    config = make_config(method=method, autocast_adapter_dtype=False)
     model = build_tiny_llama().to(torch.bfloat16)
-    apply_method(model, config, torch.bfloat16)
-    assert {layer.lora_A.dtype for layer in lora_layers(model).values()} == {torch.bfloat16}
+    apply_method(model, config)
+    layers = {**lora_layers(model), **svd_layers(model)}
+    assert layers and {layer.lora_A.dtype for layer in layers.values()} == {torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ FLOORS = {
     "page_pool": 0,  # the paged optimizer's counters (its LRU pool is the core's)
     "adapter_files": 0,  # peft's adapter folder: names, plain settings, strict reading
     "peft_layer": 0,  # peft's options for where an adapter lives, and its layer-level names (enable_adapters, ...)
+    "checkpoint_files": 0,  # a checkpoint folder's safetensors: headers checked, one tensor at a time; no pickle
     "bypass": 1,  # what LoRA and AdaLoRA layers share; which layers get one; merging
     "nf4": 1,
     "architecture": 1,  # model shapes, presets and parameter counts (the memory model's first step)
@@ -45,6 +46,7 @@ FLOORS = {
     "activations": 2,  # the activation model, tensor by tensor
     "data": 2,  # the running example (its finetune is a loop of loop.train_step)
     "options": 2,  # every option of a run
+    "model_builder": 2,  # one way to build a model: skeleton on meta, then layer by layer (on architecture)
     "adalora": 3, "qlora": 3,
     "adalora_files": 3,  # AdaLoRA adapters in peft's files (adapters dispatches to it)
     "family": 3,  # LoRA's family: rsLoRA, DoRA, PiSSA, LoRA+ (on lora)

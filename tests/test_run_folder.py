@@ -285,7 +285,7 @@ def test_a_huge_rank_is_refused_before_allocating(tmp_path, monkeypatch):
         raise AssertionError("the adapter was allocated")
 
     monkeypatch.setattr(minilora.build, "add_lora", no_allocation)
-    with pytest.raises(ValueError, match=r"--r 1000000 is larger than max\(in_features, out_features\) = "
+    with pytest.raises(ValueError, match=r"--r=1000000 is larger than max\(in_features, out_features\) = "
                                          r"max\(64, 64\) of model.layers.0.self_attn.q_proj"):
         run(tmp_path / "run", r=1_000_000, max_steps=1)
     assert not (tmp_path / "run").exists()
