@@ -65,7 +65,10 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
     if bool((absmax < 0).any()):  # max |x| is never negative: these are not quantize_4bit's constants
         raise ValueError(f"absmax: per-block constants are max |x| >= 0, got a minimum of {float(absmax.min())}")
     _check_dq_blocksize(blocksize)
-    return core.double_quantize(absmax, blocksize)
+    # On one thread: ATen splits a long float32 sum among its threads, so the offset (a mean) and with it every
+    # code would depend on the thread count (a 4096 x 4096 weight's 262,144 constants are above its grain size).
+    with one_intra_op_thread():
+        return core.double_quantize(absmax, blocksize)
 
 
 def double_dequantize(qabsmax, absmax2, offset, blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:

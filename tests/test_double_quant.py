@@ -227,3 +227,22 @@ def test_quantized_weight_rejects_bad_input():
         QuantizedWeight(qw.packed, (64, 64), absmax=qw.absmax, qabsmax=torch.zeros(64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="quant_type.*int4"):
         QuantizedWeight.from_float(torch.randn(64, 64), quant_type="int4").to_bnb()
+
+
+def test_double_quantize_is_the_same_on_any_number_of_threads():
+    """ATen splits a long float32 sum among its threads, in pieces that depend on the thread count: the offset
+    (a mean) of an 11008 x 4096 weight's 704,512 constants differed in its last bit between 1 and 2 threads, and
+    with it some codes. double_quantize takes the mean on one thread, so its bytes are the same everywhere."""
+    absmax = torch.rand(704_512, generator=torch.Generator().manual_seed(7)) * 0.1
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 4):
+            torch.set_num_threads(count)
+            results.append(double_quantize(absmax))
+    finally:
+        torch.set_num_threads(threads)
+    for qabsmax, absmax2, offset in results[1:]:
+        assert torch.equal(qabsmax, results[0][0])
+        assert torch.equal(bits(offset.reshape(1)), bits(results[0][2].reshape(1)))
+        assert torch.equal(bits(absmax2), bits(results[0][1]))
