@@ -23,10 +23,18 @@ import math
 
 import torch
 
+from minilora import native
 from minilora.core import double_quant as core
 from minilora.core.double_quant import DQ_BLOCKSIZE, dynamic_map  # importable from here
 from minilora.kernels import all_finite, cached, one_intra_op_thread, scale_blocks, scratch
-from minilora.nf4 import check_quant_options, dequantize_4bit, get_code, quantize_4bit
+from minilora.nf4 import (
+    check_constants_finite,
+    check_quant_options,
+    decode_checked,
+    dequantize_4bit,
+    get_code,
+    quantize_4bit,
+)
 
 __all__ = ["DQ_BLOCKSIZE", "QuantizedWeight", "double_dequantize", "double_quantize", "dynamic_map",
            "dynamic_map_on"]
@@ -167,21 +175,31 @@ class QuantizedWeight:
         return math.prod(self.shape)
 
     def block_absmax(self) -> torch.Tensor:
-        """The float32 per-block constants (decoded from 8 bits when double-quantized)."""
+        """The float32 per-block constants, decoded from 8 bits when double-quantized (in minilora.native's one
+        compiled pass where it can: the same bits as `double_dequantize`'s half a dozen tensor ops), and checked
+        finite: a corrupted checkpoint must never decode into NaN weights."""
+        if torch.compiler.is_compiling():  # a check would break the graph: the constants were checked when made
+            return double_dequantize(self.qabsmax, self.absmax2, self.offset) if self.double_quant else self.absmax
         if self.double_quant:
-            return double_dequantize(self.qabsmax, self.absmax2, self.offset, DQ_BLOCKSIZE)
-        return self.absmax
+            fast = native.decode_constants(self.qabsmax.reshape(-1), self.absmax2.reshape(-1), self.offset,
+                                           dynamic_map_on(self.qabsmax.device), DQ_BLOCKSIZE)
+            if fast is not None:  # checked as it was decoded
+                return fast
+        absmax = double_dequantize(self.qabsmax, self.absmax2, self.offset) if self.double_quant else self.absmax
+        check_constants_finite(absmax)
+        return absmax
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight Ŵ = code[q] · absmax, shaped like the original, in `dtype` (see reuse_output)."""
-        device = self.packed.device
-        if device.type != "cpu" or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return dequantize_4bit(self.packed, self.block_absmax(), self.shape, self.blocksize,
                                    self.quant_type, dtype)
         with one_intra_op_thread():  # the constants' decode opens no parallel region either (kernels, point 3)
             absmax = self.block_absmax()
-        out = scratch(self.numel, dtype, device) if self.reuse_output else None
-        return dequantize_4bit(self.packed, absmax, self.shape, self.blocksize, self.quant_type, dtype, out=out)
+        reuse = self.reuse_output and self.packed.device.type == "cpu"
+        out = scratch(self.numel, dtype, self.packed.device) if reuse else None
+        # The pieces were checked when this weight was made (__init__), the constants just now: decode.
+        return decode_checked(self.packed, absmax, self.shape, self.blocksize, self.quant_type, dtype, out)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored data tensors by name (no metadata)."""

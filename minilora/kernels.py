@@ -46,9 +46,11 @@ import torch
 
 CHUNK_ELEMENTS = 1 << 18  # values per step on a CPU, encode and decode (point 2): the fastest measured
 # The compiled decode (minilora.native) keeps no temporaries and hands out its steps in C++, so steps only need
-# to be few enough to hand out cheaply and many enough to share; 2^18 to 2^22 measured alike, and 2^20 is 16
-# steps of a 4096 x 4096.
+# to be few enough to hand out cheaply and many enough to share: at most 2^20 values (16 steps of a 4096 x 4096;
+# 2^18 to 2^22 measured alike there), and smaller for a smaller layer, down to 2^16, so that it still has 2 steps
+# per thread (a 512 x 1408 layer at 2 threads: one step of 2^20 left a core idle; benchmarks/MEASUREMENTS.md).
 FUSED_STEP_ELEMENTS = 1 << 20
+FUSED_MIN_STEP_ELEMENTS = 1 << 16
 
 _CACHE: dict = {}
 
@@ -182,6 +184,14 @@ def scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> 
 
 
 
+def fused_step_elements(values: int, blocksize: int) -> int:
+    """The compiled decode's step: 2 steps per thread where steps of FUSED_MIN_STEP_ELEMENTS allow it, at most
+    FUSED_STEP_ELEMENTS values, always whole blocks (the loop works block by block)."""
+    per_thread = values // (2 * torch.get_num_threads())
+    step = min(FUSED_STEP_ELEMENTS, max(FUSED_MIN_STEP_ELEMENTS, per_thread))
+    return max(step - step % blocksize, blocksize)
+
+
 def decode_full_blocks(flat_bytes, flat_absmax, full: int, blocksize: int, pair_table, out,
                        fused=None) -> None:
     """Decode the first `full` values (a multiple of blocksize) into `out[:full]`.
@@ -190,10 +200,10 @@ def decode_full_blocks(flat_bytes, flat_absmax, full: int, blocksize: int, pair_
     gather moves both; see nf4.byte_pair_table). flat_absmax: float32, one per block. out: 1-D, any float
     dtype; the float32 product is rounded once into it. fused: None, or a function (bytes, absmax, out, step)
     that decodes whole blocks in one compiled loop (minilora.native, handed in by nf4), which then does all
-    the work, in steps of FUSED_STEP_ELEMENTS values on torch's own threads.
+    the work, in steps of `fused_step_elements` values on torch's own threads.
     """
     if fused is not None:  # one call: the compiled loop hands its steps to torch's own threads itself
-        fused(flat_bytes, flat_absmax, out[:full], max(FUSED_STEP_ELEMENTS, blocksize))
+        fused(flat_bytes, flat_absmax, out[:full], fused_step_elements(full, blocksize))
         return
 
     def work(start: int, stop: int) -> None:

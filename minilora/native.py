@@ -22,6 +22,10 @@ thread takes the next undone step until none is left), not on threads of ours: a
 torch's OpenMP workers keep spinning for a while on the cores, and a thread of ours beside them got half a
 core (benchmarks/MEASUREMENTS.md).
 
+Beside it, for double-quantized weights (chapter 4), `decode_constants` turns the 8-bit constants back into
+float32 in one pass, `map[q] * absmax2 + offset` as a multiply and then an add (never a fused multiply-add), and
+says whether all are finite: half a dozen small tensor ops, each a Python-level call, became one call.
+
 Every output is one IEEE multiply and one rounding, the same as in the eager kernel, so the result is
 equal bit for bit (tests/test_kernels.py and tests/test_core.py compare it with minilora/core/nf4.py's
 dequantize_4bit for every dtype, blocksize and length). The values are finite: absmax is checked before
@@ -149,8 +153,27 @@ static void decode_steps(uintptr_t packed, uintptr_t absmax, uintptr_t table16, 
   }
 }
 
+// Double quantization's constants (chapter 4): absmax[j] = map[q[j]] * absmax2[j / blocksize2] + offset, a float32
+// multiply, then a float32 add, each rounded as PyTorch rounds them (compiled with -ffp-contract=off: never fused
+// into one multiply-add). A weight's 4096 to 704,512 constants: one thread, one pass. Whether all are finite.
+static bool decode_constants(uintptr_t codes, uintptr_t map, uintptr_t absmax2, float offset, uintptr_t out,
+                             int64_t n, int64_t blocksize2) {
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(codes);
+  const float* levels = reinterpret_cast<const float*>(map);
+  const float* scales = reinterpret_cast<const float*>(absmax2);
+  float* absmax = reinterpret_cast<float*>(out);
+  bool finite = true;
+  for (int64_t j = 0; j < n; ++j) {
+    const float scaled = levels[q[j]] * scales[j / blocksize2];
+    absmax[j] = scaled + offset;
+    finite &= (absmax[j] - absmax[j]) == 0.0f;   // false for NaN and +-Inf alone
+  }
+  return finite;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_steps", &decode_steps, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("decode_constants", &decode_constants, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """
 
@@ -173,7 +196,8 @@ def _build():
     from torch.utils.cpp_extension import load_inline
     try:
         return load_inline(name="minilora_native_decode", cpp_sources=[SOURCE], verbose=False,
-                           extra_cflags=["-O3", "-mavx2", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                           extra_cflags=["-O3", "-mavx2", "-mf16c", "-fopenmp", "-ffp-contract=off"],
+                           extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError) as err:   # a compiler error: decode in eager PyTorch instead
         logging.getLogger(__name__).warning("minilora.native: not compiled (%s); the eager decode is used", err)
         return None
@@ -205,3 +229,22 @@ def fused_decode(levels: torch.Tensor, blocksize: int, out: torch.Tensor):
         module.decode_steps(packed.data_ptr(), absmax.data_ptr(), levels.data_ptr(), out.data_ptr(),
                             out.numel(), blocksize, KINDS[out.dtype], step)
     return decode
+
+
+def decode_constants(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor,
+                     blocksize2: int) -> torch.Tensor | None:
+    """Double quantization's float32 constants, `levels[qabsmax] * absmax2[j // blocksize2] + offset`, in one
+    compiled pass, equal bit for bit to minilora.core.double_quant.double_dequantize; None where there is no
+    compiled module or the tensors are not contiguous CPU ones of the expected dtypes. ValueError if a
+    constant is not finite (a corrupted checkpoint: never decode into NaN weights)."""
+    usable = (qabsmax.device.type == "cpu" and qabsmax.dtype == torch.uint8 and qabsmax.is_contiguous()
+              and absmax2.dtype == torch.float32 and absmax2.is_contiguous() and levels.dtype == torch.float32
+              and levels.is_contiguous() and levels.numel() == 256)
+    module = decoder() if usable else None
+    if module is None:
+        return None
+    out = torch.empty(qabsmax.numel(), dtype=torch.float32)
+    if not module.decode_constants(qabsmax.data_ptr(), levels.data_ptr(), absmax2.data_ptr(), float(offset),
+                                   out.data_ptr(), out.numel(), blocksize2):
+        raise ValueError("absmax: the double-quantized constants decode to NaN or Inf")
+    return out

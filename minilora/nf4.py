@@ -274,17 +274,31 @@ def dequantize_4bit(packed, absmax, shape, blocksize=64, quant_type="nf4", dtype
     if torch.compiler.is_compiling():  # the core's formula, in blocks (see kernels.scale_blocks)
         values = code_on(quant_type, packed.device)[unpack_4bit(packed, math.prod(shape)).long()]
         return scale_blocks(values, absmax.reshape(-1), blocksize).to(dtype).reshape(shape)
-    finite = all_finite(absmax)  # e.g. a corrupted checkpoint: never decode into NaN weights
+    check_constants_finite(absmax)
+    n = math.prod(shape)
+    if out is not None and (out.dtype != dtype or out.numel() != n or not out.is_contiguous()
+                            or out.device != packed.device):
+        raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements on {packed.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return decode_checked(packed, absmax, shape, blocksize, quant_type, dtype, out)
+
+
+def check_constants_finite(absmax: torch.Tensor) -> None:
+    """ValueError (on a GPU: a device-side assert, no sync per call) if a constant is NaN or Inf, e.g. from a
+    corrupted checkpoint: never decode into NaN weights."""
+    finite = all_finite(absmax)
     if absmax.device.type != "cpu":
-        torch._assert_async(finite, "absmax: contains NaN or Inf")  # checked on the device: no sync per call
+        torch._assert_async(finite, "absmax: contains NaN or Inf")
     elif not bool(finite):
         raise ValueError("absmax: contains NaN or Inf; these constants cannot come from quantize_4bit")
+
+
+def decode_checked(packed, absmax, shape, blocksize, quant_type, dtype, out=None) -> torch.Tensor:
+    """`dequantize_4bit`'s eager decode, for arguments already checked (its own, or a QuantizedWeight's, whose
+    pieces were checked when it was made and whose constants are checked as they are decoded)."""
     n = math.prod(shape)
     if out is None:
         out = torch.empty(n, dtype=dtype, device=packed.device)
-    elif out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != packed.device:
-        raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements on {packed.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     table = tables(quant_type, packed.device)  # decode where the bytes are
     flat_bytes, flat_absmax, flat_out = packed.reshape(-1), absmax.reshape(-1), out.view(-1)
     full = n - n % blocksize

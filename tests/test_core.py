@@ -78,13 +78,16 @@ def lora_pair(r=4, lora_alpha=6, lora_dropout=0.0, dtype=torch.float32, init="ka
     return layers
 
 
-@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
-def test_lora_layer_equals_core_bit_for_bit(init):
-    core, ours = lora_pair(init=init)
+# lora_alpha 6 at r 4: scaling 1.5, the core's order; 4, 8, 1: scalings 1, 2, 1/4, which minilora.lora applies
+# to the r-wide x Aᵀ instead (exact for a power of two): the same bits must come out.
+@pytest.mark.parametrize("init, lora_alpha", [("kaiming", 6), ("gaussian", 6), ("kaiming", 4), ("kaiming", 8),
+                                              ("gaussian", 1)])
+def test_lora_layer_equals_core_bit_for_bit(init, lora_alpha):
+    core, ours = lora_pair(init=init, lora_alpha=lora_alpha)
     assert isinstance(ours, core_lora.LoRALinear)
     for name in ("lora_A", "lora_B"):
         assert_same(getattr(ours, name), getattr(core, name))
-    assert ours.scaling == core.scaling == 6 / 4
+    assert ours.scaling == core.scaling == lora_alpha / 4
     x = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(3))
     xs = [x.clone().requires_grad_() for _ in range(2)]
     outs = [layer(x_) for layer, x_ in zip((core, ours), xs)]
@@ -105,8 +108,9 @@ def test_lora_layer_equals_core_bit_for_bit(init):
     assert_same(ours.base.weight, core.base.weight)
 
 
-def test_lora_layer_bf16_forward_equal_and_input_gradient_within_one_rounding():
-    core, ours = lora_pair(dtype=torch.bfloat16)
+@pytest.mark.parametrize("lora_alpha", [6, 8])
+def test_lora_layer_bf16_forward_equal_and_input_gradient_within_one_rounding(lora_alpha):
+    core, ours = lora_pair(dtype=torch.bfloat16, lora_alpha=lora_alpha)
     x = torch.randn(4, 20, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     grad = torch.randn(4, 12, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     xs = [x.clone().requires_grad_() for _ in range(2)]

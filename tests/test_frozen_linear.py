@@ -140,23 +140,28 @@ def _step_ops(model, ids) -> collections.Counter:
     return ops
 
 
-@pytest.mark.parametrize("slow_layout", [False, True], ids=["native-bf16-cpu", "cpu-without-bf16"])
-def test_a_lora_step_does_the_work_of_peft_s(tiny_llama, token_ids, monkeypatch, slow_layout):
-    """A bf16 Llama with LoRA on every linear layer, one step: minilora and peft dispatch the same ops on the same
-    shapes, strides and dtypes, except where `frozen_linear` computes a frozen base's input gradient in the other
-    layout (CPUs without native bf16 matmuls): there our `mm(G, W)` becomes a transposed copy of W and a
-    `mm(G, W^T contiguous)`. The layout rule is forced both ways, so every CPU checks both cases."""
+def _lora_and_peft_step_ops(tiny_llama, token_ids, lora_alpha):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     from minilora.lora import LoraConfig, add_lora
 
-    monkeypatch.setattr("minilora.frozen_linear.plain_layout_is_slow", lambda weight: slow_layout)
-    ours = add_lora(tiny_llama(seed=0).to(torch.bfloat16).train(), LoraConfig(r=4, target_modules="all-linear"))
+    ours = add_lora(tiny_llama(seed=0).to(torch.bfloat16).train(),
+                    LoraConfig(r=4, lora_alpha=lora_alpha, target_modules="all-linear"))
     theirs = get_peft_model(tiny_llama(seed=0).to(torch.bfloat16).train(),
-                            PeftLoraConfig(r=4, target_modules="all-linear"))
+                            PeftLoraConfig(r=4, lora_alpha=lora_alpha, target_modules="all-linear"))
     ours_ops, theirs_ops = _step_ops(ours, token_ids), _step_ops(theirs, token_ids)
-    only_ours, only_theirs = ours_ops - theirs_ops, theirs_ops - ours_ops
+    return ours_ops - theirs_ops, theirs_ops - ours_ops
+
+
+@pytest.mark.parametrize("slow_layout", [False, True], ids=["native-bf16-cpu", "cpu-without-bf16"])
+def test_a_lora_step_does_the_work_of_peft_s(tiny_llama, token_ids, monkeypatch, slow_layout):
+    """A bf16 Llama with LoRA on every linear layer, one step, α/r = 1.5: minilora and peft dispatch the same ops
+    on the same shapes, strides and dtypes, except where `frozen_linear` computes a frozen base's input gradient
+    in the other layout (CPUs without native bf16 matmuls): there our `mm(G, W)` becomes a transposed copy of W
+    and a `mm(G, W^T contiguous)`. The layout rule is forced both ways, so every CPU checks both cases."""
+    monkeypatch.setattr("minilora.frozen_linear.plain_layout_is_slow", lambda weight: slow_layout)
+    only_ours, only_theirs = _lora_and_peft_step_ops(tiny_llama, token_ids, lora_alpha=6)
     if not slow_layout:
         assert only_ours == only_theirs == {}
         return
@@ -166,3 +171,15 @@ def test_a_lora_step_does_the_work_of_peft_s(tiny_llama, token_ids, monkeypatch,
     assert sum(n for key, n in only_ours.items() if key[0] == "mm") == 11
     assert sum(n for key, n in only_ours.items() if key[0] == "clone") == 11  # W^T made contiguous
     assert {key[0] for key in only_ours} == {"mm", "clone"}
+
+
+def test_a_lora_step_scales_r_numbers_where_peft_scales_out_features(tiny_llama, token_ids, monkeypatch):
+    """α/r = 2 (peft's default α = 8 at r = 4), a power of two: minilora.lora applies it to x Aᵀ, r = 4 numbers
+    per token, where peft scales the layer's output; the same number of multiplies (14 forward, 14 backward),
+    each r wide instead of 16 to 64, and nothing else differs."""
+    monkeypatch.setattr("minilora.frozen_linear.plain_layout_is_slow", lambda weight: False)
+    only_ours, only_theirs = _lora_and_peft_step_ops(tiny_llama, token_ids, lora_alpha=8)
+    assert {key[0] for key in only_ours} == {key[0] for key in only_theirs} == {"mul"}
+    assert sum(only_ours.values()) == sum(only_theirs.values()) == 28
+    assert all(key[1][0][-1] == 4 for key in only_ours)  # (batch, tokens, r)
+    assert all(key[1][0][-1] in (16, 32, 64) for key in only_theirs)  # (batch, tokens, out_features)

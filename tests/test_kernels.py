@@ -361,6 +361,28 @@ def test_double_dequantize_still_matches_after_caching():
     assert same_values(double_dequantize(q, a2, offset), expected)
 
 
+@pytest.mark.parametrize("blocks", [1, 255, 256, 4096, 1000 * 256 + 77])
+def test_block_absmax_equals_double_dequantize_on_both_paths(decode_path, blocks):
+    """QuantizedWeight's constants: minilora.native's one pass (a multiply, then an add, never fused) or eager
+    PyTorch, the same bits as the core's formula, including a partial last block of 256."""
+    from minilora.core.double_quant import double_dequantize as core_double_dequantize
+
+    absmax = torch.rand(blocks, generator=torch.Generator().manual_seed(blocks)) * 3 + 0.001
+    q, a2, offset = double_quantize(absmax)
+    weight = QuantizedWeight(torch.zeros(blocks * 32, dtype=torch.uint8), (blocks, 64), 64, "nf4",
+                             qabsmax=q, absmax2=a2, offset=offset)
+    assert torch.equal(bits(weight.block_absmax()), bits(core_double_dequantize(q, a2, offset)))
+
+
+def test_block_absmax_refuses_constants_that_decode_to_inf(decode_path):
+    q, a2, offset = double_quantize(torch.rand(600) + 0.5)
+    a2[1] = float("inf")  # a corrupted checkpoint
+    weight = QuantizedWeight(torch.zeros(600 * 32, dtype=torch.uint8), (600, 64), 64, "nf4", qabsmax=q, absmax2=a2,
+                             offset=offset)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        weight.dequantize(torch.bfloat16)
+
+
 def test_input_gradient_layouts_agree():
     # The two layouts of ∂L/∂y · Ŵ are the same product; in float32 they agree to summation order.
     g, w = torch.randn(6, 48), torch.randn(48, 64)
