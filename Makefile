@@ -63,14 +63,17 @@ lock:
 	  --quiet -o $(LOCK)
 	@echo "requirements.lock refreshed: now 'make clean' and run .ci/run, and commit the lock with the results"
 
-# The suite against the newest versions pyproject.toml allows (torch stays TORCH_SPEC), in its own venv: what a
-# refresh of the lock would break. scripts/lock_drift.py lists the versions that differ from the lock.
+# The suite against the newest versions pyproject.toml allows (torch stays TORCH_SPEC: an eager upgrade would
+# otherwise replace it with PyPI's newest, a multi-GB CUDA build), in its own venv: what a refresh of the lock
+# would break. scripts/lock_drift.py lists the versions that differ from the lock.
 LATEST      := .venv-latest
 test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m pip freeze | grep -E '^torch==' > $(LATEST)/torch-constraint.txt
+	PIP_CONSTRAINT=$(LATEST)/torch-constraint.txt \
+	  $(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
 	touch $(LATEST)/.minilora-installed
 	$(LATEST)/bin/python scripts/lock_drift.py $(LOCK)
 	MINILORA_UNLOCKED=1 $(MAKE) --no-print-directory pytest exercises-reference exercises-stubs nbval VENV=$(LATEST)

@@ -11,7 +11,8 @@ The second job: on CPUs with AVX512-BF16, importing bitsandbytes (directly or th
 optional kernel from the Hugging Face Hub for its fused inference path. Where that fails (no `kernels` package,
 no network, or HF_HUB_OFFLINE=1, as every `make` target sets) bitsandbytes logs a warning and uses its own
 kernels, so the line is harmless; with HF_HUB_OFFLINE=1 the `kernels` package (which transformers 5 installs)
-logs one more. Both land in every notebook's stderr and in the demo's terminal. `quiet_known_log_lines()` filters
+logs one more. A CUDA build of torch without a GPU logs a third when our CPU extension is first compiled. They
+land in every notebook's stderr and in the demo's terminal. `quiet_known_log_lines()` filters
 exactly those messages on exactly those loggers, and nothing else; `minilora/__init__.py` calls it once.
 (tests/test_bnb_kernels.py checks on which CPUs bitsandbytes logs, tests/test_machine.py each filter.)
 """
@@ -32,6 +33,10 @@ KNOWN_HARMLESS = [
     ("kernels._internals.hf_hub",
      "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub "
      "is in offline mode"),
+    # A CUDA build of torch on a machine without a GPU but with a CUDA toolkit (Colab's CPU runtime, or a plain
+    # `pip install torch` on Linux) says so when minilora/native.py first imports torch.utils.cpp_extension; the
+    # extension is CPU-only, so it needs no CUDA.
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 ]
 
 

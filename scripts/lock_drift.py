@@ -46,7 +46,10 @@ def main(argv: list[str]) -> None:
                if name in pins and version.split("+")[0] != pins[name]]
     extra = [f"  {name} {version}" for name, version in sorted(installed.items())
              if name not in pins and name not in ("minilora", "uv")]
-    print(f"{len(changed)} package(s) newer or older than {argv[0]}:", *changed, sep="\n")
+    if changed:
+        print(f"{len(changed)} package(s) newer or older than {argv[0]}:", *changed, sep="\n")
+    else:
+        print(f"every installed package that {argv[0]} pins is at its locked version")
     if extra:
         print(f"{len(extra)} package(s) not in the lock:", *extra, sep="\n")
 

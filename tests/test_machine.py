@@ -28,10 +28,12 @@ def test_the_filters_match_what_the_installed_libraries_log():
     import inspect
 
     import kernels._internals.hf_hub
+    import torch.utils.cpp_extension
     from bitsandbytes.backends.cpu import ops
 
     sources = {"bitsandbytes.backends.cpu.ops": inspect.getsource(ops),
-               "kernels._internals.hf_hub": inspect.getsource(kernels._internals.hf_hub)}
+               "kernels._internals.hf_hub": inspect.getsource(kernels._internals.hf_hub),
+               "torch.utils.cpp_extension": inspect.getsource(torch.utils.cpp_extension)}
     for name, prefix in KNOWN_HARMLESS:
         head = prefix.split("'kernels-community")[0]  # the part before the formatted repository name
         assert head in sources[name], (name, head)
