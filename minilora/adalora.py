@@ -27,9 +27,8 @@ from torch import nn
 
 from minilora.checks import is_int
 from minilora.core import adalora as core
-from minilora.core.adalora import budget_schedule, mask_to_budget, triplet_score, update_importance
+from minilora.core.adalora import INIT_STD, budget_schedule, mask_to_budget, triplet_score, update_importance
 from minilora.svd_adapter import (  # the adapter itself; exported from here too, as chapter 2 teaches it
-    INIT_STD,
     AdaLoraConfig,
     SVDLinear,
     add_adalora,
@@ -56,10 +55,10 @@ class RankAllocator(core.RankAllocator):
     def __init__(self, model: nn.Module, config: AdaLoraConfig):
         if not isinstance(config, AdaLoraConfig):
             raise TypeError(f"config must be a minilora.adalora.AdaLoraConfig, got {type(config).__name__}")
-        if not svd_layers(model):
+        super().__init__(model, config)  # finds the SVDLinear layers, changes nothing
+        if not self.layers:
             raise ValueError(f"RankAllocator: {type(model).__name__} has no SVDLinear layers "
                              f"(call add_adalora(model, config) first)")
-        super().__init__(model, config)
         self.budget = self.init_budget
         self.last_step: int | None = None
         # The forgotten-call watch: a snapshot of every Λ, taken at each update_and_allocate.

@@ -209,8 +209,8 @@ def read_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
                          f"torch.load). Where you trust the file, convert it once: load it with peft and "
                          f"save_pretrained(folder, safe_serialization=True) writes {WEIGHTS_NAME}")
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} is missing (an adapter folder needs {CONFIG_NAME} "
-                                f"and {WEIGHTS_NAME})")
+        raise FileNotFoundError(f"{weights_file} is missing (an adapter folder holds its tensors in "
+                                f"{WEIGHTS_NAME})")
     try:
         return load_file(weights_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:

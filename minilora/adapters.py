@@ -118,7 +118,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     peft's options of PeftModel.from_pretrained, under its names:
       config                  a minilora LoraConfig or AdaLoraConfig to use instead of the folder's
                               adapter_config.json (the folder then needs only the weights file);
-      autocast_adapter_dtype  False: new adapter layers keep a 16-bit base's dtype (minilora.bypass.adapter_dtype);
+      autocast_adapter_dtype  False: new adapter layers keep a 16-bit base's dtype (minilora.peft_layer.adapter_dtype);
       low_cpu_mem_usage       True: new adapter layers are built on the meta device and the file's tensors
                               become their parameters, so the adapter is in memory once, not twice (a new
                               adapter's random init and then the file's copy). The file's tensors are cast to
@@ -276,7 +276,8 @@ def load_lora_state(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
         raise ValueError("load_adapter: the model's layers are merged; unmerge() them before loading weights")
     try:
         layout = lora_layout(model, config)
-        for name in find_target_modules(model, config.target_modules, **config.rules()):
+        targets = find_target_modules(model, config.target_modules, **config.rules())
+        for name in targets:
             check_rank_bound(model.get_submodule(name), config.rank_and_alpha(name)[0], "r", name)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{source}: the config does not fit {type(model).__name__}: {err}") from err
@@ -289,7 +290,7 @@ def load_lora_state(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
             raise type(err)(f"{source}: the adapter does not fit {type(model).__name__}: {err}") from err
     else:   # into the model's adapter `adapter_name`: the same layers, the same settings
         carriers = {name: layer for name, layer in layers.items() if adapter_name in layer.adapter_names()}
-        odd = sorted(set(carriers) ^ set(find_target_modules(model, config.target_modules, **config.rules())))
+        odd = sorted(set(carriers) ^ set(targets))
         if odd:
             raise ValueError(f"load_adapter: {source} adapts other layers than the model's adapter "
                              f"{adapter_name!r} (they differ in {odd[:3]}); load into the plain model, or "

@@ -101,9 +101,20 @@ def check_targets(model: nn.Module, config: TrainConfig) -> None:
     """The adapter's target modules match layers of `model` (a skeleton will do), and --r fits each of them
     (minilora.bypass.check_rank_bound: `--lora-r 1000000` is a typo that would exhaust the memory): a mistake
     fails here, before any weight or adapter is built."""
-    if config.method != "full":
+    if config.method == "full":
+        return
+    try:
         for name in find_target_modules(model, config.target_modules()):
             check_rank_bound(model.get_submodule(name), config.r, "--r", name)
+    except ValueError as err:
+        raise on_the_command_line(err, config) from err
+
+
+def on_the_command_line(err: ValueError, config: TrainConfig) -> ValueError:
+    """`err` as the command line says it: naming --model, and the recipe where the recipe chose r."""
+    chosen = RECIPES[config.recipe].get("r") == config.r
+    recipe = f" (--recipe {config.recipe} chose r={config.r}; give --r, or a larger --model)" if chosen else ""
+    return ValueError(f"--model {config.model}: {err}{recipe}")
 
 
 def build_model(plan: ModelPlan, config: TrainConfig, device: torch.device, compute_dtype: torch.dtype):
@@ -147,8 +158,7 @@ def apply_method(model: nn.Module, config: TrainConfig):
         add_lora(model, adapter, autocast_adapter_dtype=config.autocast_adapter_dtype)
         return adapter, None
     except ValueError as err:
-        recipe = f" (--recipe {config.recipe} chose r={config.r}; give --r, or a larger --model)"
-        raise ValueError(f"--model {config.model}: {err}{recipe if 'r' in RECIPES[config.recipe] else ''}") from err
+        raise on_the_command_line(err, config) from err
 
 
 def load_data(config: TrainConfig, tokenizer) -> tuple[TokenData, TokenData | None]:

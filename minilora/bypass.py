@@ -33,7 +33,7 @@ from torch import nn
 
 from minilora.core import lora as core_lora
 from minilora.frozen_linear import frozen_linear
-from minilora.peft_layer import PeftLayerAPI
+from minilora.peft_layer import PeftLayerAPI, check_enabled, check_placement_options
 from minilora.targets import (  # peft's rules for which modules, by name
     ALL_LINEAR,
     check_target_modules,
@@ -122,6 +122,13 @@ class LowRankLinear(PeftLayerAPI, nn.Module):
     """
 
     disabled = False
+
+    def take_placement_options(self, base: nn.Module, autocast_adapter_dtype: bool, low_cpu_mem_usage: bool):
+        """A subclass's first step: check the base and peft's two options, and keep the options as plain flags
+        before the core's __init__ creates the first adapter (adapter_placement reads them)."""
+        check_base(base)
+        check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage)
+        self.autocast_adapter_dtype, self.low_cpu_mem_usage = autocast_adapter_dtype, low_cpu_mem_usage
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_linear(self.base, x)
@@ -252,8 +259,7 @@ class ModulesToSave(nn.Module):
 
     def enable_adapters(self, enabled: bool) -> None:
         """peft's switch (its AuxiliaryTrainingWrapper's): the trained copy on and trainable, or the original."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be True or False, got enabled={enabled!r}")
+        check_enabled(enabled)
         self.disabled = not enabled
         self.modules_to_save.requires_grad_(enabled)
 

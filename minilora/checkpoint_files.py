@@ -37,7 +37,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Bytes per element of every dtype the safetensors format defines, and the float ones a model may hold.
 ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+FLOAT_DTYPES = ("BF16", "F16", "F32")  # the safetensors names of the float dtypes a weight may have
 MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit: a longer "header" is not a safetensors file
 
 
@@ -154,7 +154,7 @@ class Checkpoint:
             entries[name] = headers[file][name]
         return entries
 
-    def check(self, needed: dict[str, tuple[int, ...]], ignored=(".rotary_emb.inv_freq",)) -> None:
+    def check(self, needed: dict[str, tuple[int, ...]], ignored: tuple[str, ...] = ()) -> None:
         """Raise ValueError unless the checkpoint holds every tensor of `needed` ({name: shape}) with that
         shape and a float dtype, and nothing else but tensors named in `ignored` (a name, or a suffix
         starting with "."): older Llama checkpoints store the rotary table, which the model computes, and

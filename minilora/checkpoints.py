@@ -39,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from minilora.adapter_files import CONFIG_NAME, WEIGHTS_NAME
@@ -49,6 +48,7 @@ from minilora.files import (
     DiskFullError,
     load_state,
     read_json,
+    read_tensors,
     save_state,
     temporary_folder,
     write_atomically,
@@ -294,11 +294,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, alloca
 
     `job` (a minilora.distributed.Distributed) puts each rank's share of sharded (FSDP) tensors in place,
     `opt_params` being the tensors the optimizer updates. Nothing is unpickled: safetensors and JSON."""
-    try:
-        saved = load_file(str(folder / "trainable.safetensors"))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{folder / 'trainable.safetensors'} could not be read (truncated or corrupt?): "
-                         f"{err}") from err
+    saved = read_tensors(folder / "trainable.safetensors")
     params = dict(model.named_parameters())
     expected = {name for name, p in params.items() if p.requires_grad}
     if set(saved) != expected:

@@ -8,8 +8,9 @@ input the same way and none writes the check again (`isinstance(True, int)` is T
     check_number("lora_dropout", p, 0, 1, high_open=True)   ... a number in [0, 1), got ...
     check_choice("method", m, ("lora", "qlora"))  method must be one of ('lora', 'qlora'), got 'prefix'
 
-`name` is what the caller calls the argument: "r" for the Python API, "--r" for the command line. Each check
-runs once, where a value enters (a config, a public entry point); the layers and the core take what passed.
+`name` is what the caller calls the argument: "r" for the Python API, "--r" for the command line. A value is
+checked where it enters: a config, a command line, a public constructor or method; minilora/core takes what
+passed.
 Read first: `check_number`.
 """
 
@@ -47,6 +48,12 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
         lower = "(-∞" if low is None else f"{'(' if low_open else '['}{low}"
         upper = "∞)" if high is None else f"{high}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be a number in {lower}, {upper}{why}, got {_shown(name, value)}")
+
+
+def check_bool(name: str, value) -> None:
+    """ValueError unless `value` is True or False (not 0, 1 or "yes": a flag that is not a bool is a mistake)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {_shown(name, value)}")
 
 
 def check_choice(name: str, value, allowed) -> None:

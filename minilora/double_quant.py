@@ -26,8 +26,9 @@ import torch
 from minilora import native
 from minilora.core import double_quant as core
 from minilora.core.double_quant import DQ_BLOCKSIZE, dynamic_map  # importable from here
-from minilora.kernels import all_finite, cached, one_intra_op_thread, scale_blocks, scratch
+from minilora.kernels import cached, one_intra_op_thread, scale_blocks, scratch
 from minilora.nf4 import (
+    FLOAT_DTYPES,
     check_constants_finite,
     check_quant_options,
     decode_checked,
@@ -68,8 +69,7 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
         raise ValueError(f"absmax: expected a float32 tensor, got {getattr(absmax, 'dtype', type(absmax))}")
     if absmax.numel() == 0:
         raise ValueError("absmax: cannot double-quantize an empty tensor")
-    if not bool(all_finite(absmax)):
-        raise ValueError("absmax: contains NaN or Inf")
+    check_constants_finite(absmax)
     if bool((absmax < 0).any()):  # max |x| is never negative: these are not quantize_4bit's constants
         raise ValueError(f"absmax: per-block constants are max |x| >= 0, got a minimum of {float(absmax.min())}")
     _check_dq_blocksize(blocksize)
@@ -142,15 +142,25 @@ class QuantizedWeight:
         if (absmax is None) == (qabsmax is None) or ((qabsmax is None) != (absmax2 is None)
                                                      or (qabsmax is None) != (offset is None)):
             raise ValueError("absmax: give either absmax, or qabsmax with absmax2 and offset (double quant)")
-        # Fail now, not at first use, if the pieces do not fit together.
+        # Fail now, not at first use, if the pieces do not fit together: `dequantize` trusts them (the compiled
+        # decode reads raw memory by these counts and dtypes).
         n, blocks = self.numel, -(-self.numel // blocksize)
         if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
             raise ValueError(f"packed: shape {tuple(self.shape)} needs {(n + 1) // 2} uint8 bytes, "
                              f"got {packed.numel()} of {packed.dtype}")
-        stored = absmax if absmax is not None else qabsmax
-        if stored.numel() != blocks:
-            raise ValueError(f"absmax: shape {tuple(self.shape)} at blocksize {blocksize} has {blocks} "
-                             f"blocks, got {stored.numel()} constants")
+        name, stored, dtype = (("absmax", absmax, torch.float32) if absmax is not None
+                               else ("qabsmax", qabsmax, torch.uint8))
+        if stored.dtype != dtype or stored.numel() != blocks:
+            raise ValueError(f"{name}: shape {tuple(self.shape)} at blocksize {blocksize} has {blocks} blocks, "
+                             f"needs {blocks} {dtype} constants, got {stored.numel()} of {stored.dtype}")
+        if qabsmax is not None:
+            blocks2 = -(-blocks // DQ_BLOCKSIZE)
+            if absmax2.dtype != torch.float32 or absmax2.numel() != blocks2:
+                raise ValueError(f"absmax2: {blocks} constants in blocks of {DQ_BLOCKSIZE} need {blocks2} "
+                                 f"torch.float32 values, got {absmax2.numel()} of {absmax2.dtype}")
+            if offset.dtype != torch.float32 or offset.numel() != 1:
+                raise ValueError(f"offset: expected one torch.float32 value, got {offset.numel()} of "
+                                 f"{offset.dtype}")
 
     @classmethod
     def from_float(cls, w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
@@ -191,6 +201,8 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weight Ŵ = code[q] · absmax, shaped like the original, in `dtype` (see reuse_output)."""
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
         if torch.compiler.is_compiling():
             return dequantize_4bit(self.packed, self.block_absmax(), self.shape, self.blocksize,
                                    self.quant_type, dtype)

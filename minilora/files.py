@@ -134,13 +134,18 @@ def save_state(folder: Path, name: str, state) -> None:
     write_atomically(folder / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(tree) + "\n"))
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file we wrote; ValueError naming the file if it cannot be read."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} could not be read (truncated or corrupt?): {err}") from err
+
+
 def load_state(folder: Path, name: str):
     """What `save_state` stored; ValueError naming the file for anything it could not have written."""
-    tensors_file, tree_file = folder / f"{name}.safetensors", folder / f"{name}.json"
-    try:
-        tensors = load_file(tensors_file)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{tensors_file} could not be read (truncated or corrupt?): {err}") from err
+    tree_file = folder / f"{name}.json"
+    tensors = read_tensors(folder / f"{name}.safetensors")
     try:
         return _decode(read_json(tree_file), tensors, tree_file)
     except RecursionError:

@@ -5,7 +5,7 @@ with the loss on the response only, served as shuffled micro-batches that can re
     HFTokenizer for a Hugging Face model, ByteTokenizer for a preset with random weights) → tokenize_records
     → minilora.loop.TokenData (→ loop.Batches)
 
-minilora.build reads `--data` and `--eval-data` through these (`load_data`); scripts/qlora_7b.py uses them directly.
+minilora.build reads `--data` and `--eval-data` through these (`load_data`), and so does scripts/qlora_7b.py.
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ def read_jsonl(path, option: str = "--data") -> list[dict]:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            text = line.decode("utf-8", errors="replace").strip()  # only for messages
             try:
                 record = parse_json(line, f"{path}:{line_no}")
             except ValueError as err:
-                raise ValueError(f"{err}: {shown(text)}") from None
+                raise ValueError(f"{err}: {shown(as_text(line))}") from None
             if (not isinstance(record, dict) or not isinstance(record.get("prompt"), str)
                     or not isinstance(record.get("response"), str)):
                 raise ValueError(f"{path}:{line_no}: each line must be an object with string fields "
-                                 f"'prompt' and 'response', got {shown(text)}")
+                                 f"'prompt' and 'response', got {shown(as_text(line))}")
             records.append(record)
     if not records:
         raise ValueError(f"{path}: the file holds no examples")
@@ -51,6 +50,11 @@ def read_jsonl(path, option: str = "--data") -> list[dict]:
 
 
 SHOWN = 80  # characters of a bad line or text an error message quotes (a line may be megabytes long)
+
+
+def as_text(line: bytes) -> str:
+    """A line of the file as text for a message, whatever its bytes."""
+    return line.decode("utf-8", errors="replace").strip()
 
 
 def shown(text: str) -> str:

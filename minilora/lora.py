@@ -87,11 +87,8 @@ class LoRALinear(LowRankLinear, core.LoRALinear):
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
-        check_base(base)
+        self.take_placement_options(base, autocast_adapter_dtype, low_cpu_mem_usage)
         check_hyperparameters(r, lora_alpha, lora_dropout, init)
-        check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage)
-        # Plain flags, set before the core's __init__ creates the first adapter (adapter_placement reads them).
-        self.autocast_adapter_dtype, self.low_cpu_mem_usage = autocast_adapter_dtype, low_cpu_mem_usage
         super().__init__(base, r, lora_alpha, lora_dropout, init)
         self.parked = nn.ModuleDict().train(self.training)
         self.name_adapter(adapter_name, use_rslora)
@@ -108,7 +105,7 @@ class LoRALinear(LowRankLinear, core.LoRALinear):
         """Name the active adapter; with use_rslora, scale it by rsLoRA's α/√r (`rslora_scaling`) instead of α/r."""
         self.adapter_name = adapter_name
         if use_rslora:
-            self.scaling = self.lora_alpha / math.sqrt(self.r)
+            self.scaling = rslora_scaling(self.lora_alpha, self.r)
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         """The core's (α/r) · B A x, with the scale applied where it costs least without changing a bit.
@@ -174,6 +171,7 @@ class LoRALinear(LowRankLinear, core.LoRALinear):
         if adapter_name in self.adapter_names():
             raise ValueError(f"adapter_name={adapter_name!r} already exists on this layer "
                              f"(adapters: {self.adapter_names()})")
+        check_hyperparameters(r, lora_alpha, lora_dropout, init)
         check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage)
         active = self.adapter_name
         self.park()
@@ -202,7 +200,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     Everything is checked before anything changes, so an error leaves the model as it was. A rank larger
     than a layer's weight allows gets one warning for the model (peft accepts it, and so do we).
 
-    peft's two options of get_peft_model, under its names (`minilora.bypass.adapter_dtype`): with
+    peft's two options of get_peft_model, under its names (`minilora.peft_layer.adapter_dtype`): with
     autocast_adapter_dtype=False the adapters keep a 16-bit base's dtype instead of float32; with
     low_cpu_mem_usage=True they are made on the meta device, allocating nothing, for
     minilora.adapters.load_adapter to fill from a file (the model cannot run before that).

@@ -1,10 +1,11 @@
 """Which layers get a LoRA bypass, with which rank, and what else trains: `LoraConfig`, peft's options.
 
 minilora/core/lora.py's LoraConfig holds what the idea needs (r, α, dropout, target_modules, init); this one
-adds peft's options and checks every field once, before any model is touched (the layers below take the
-numbers as given). Its fields and defaults are peft 0.21's `LoraConfig`, under the same names, so that a config
-(or an adapter_config.json) means the same in both libraries. The name rules behind target_modules,
-exclude_modules, layers_to_transform and rank_pattern are minilora.targets; chapter 1 §13 has the table.
+adds peft's options and checks every field when it is made, before any model is touched (a layer made by hand
+checks its own arguments; the core takes the numbers as given). Its fields and defaults are peft 0.21's
+`LoraConfig`, under the same names, so that a config (or an adapter_config.json) means the same in both
+libraries. The name rules behind target_modules, exclude_modules, layers_to_transform and rank_pattern are
+minilora.targets; chapter 1 §13 has the table.
 
 Read first: `LoraConfig`.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minilora.checks import check_bypass_options, check_choice, check_int, check_number
+from minilora.checks import check_bool, check_bypass_options, check_choice, check_int, check_number
 from minilora.core import lora as core
 from minilora.targets import check_names, check_target_modules, is_index, pattern_value
 
@@ -59,9 +60,8 @@ class LoraConfig(core.LoraConfig):
         check_hyperparameters(self.r, self.lora_alpha, self.lora_dropout, self.init)
         check_target_modules(self.target_modules)
         check_choice("bias", self.bias, BIAS_OPTIONS)
-        for label in ("use_rslora", "use_dora"):
-            if not isinstance(getattr(self, label), bool):
-                raise ValueError(f"{label} must be True or False, got {label}={getattr(self, label)!r}")
+        check_bool("use_rslora", self.use_rslora)
+        check_bool("use_dora", self.use_dora)
         check_names("modules_to_save", self.modules_to_save, regex=False)
         check_names("exclude_modules", self.exclude_modules, regex=True)
         check_names("layers_pattern", self.layers_pattern, regex=True)

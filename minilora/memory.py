@@ -297,7 +297,7 @@ def estimate(model: Any, method: str = "qlora", r: int = 64, target: Any = "all-
 
 def adapter_bytes(compute_dtype: torch.dtype = torch.bfloat16, autocast_adapter_dtype: bool = True) -> int:
     """Bytes per adapter parameter (and per entry of its gradient) on a base computing in `compute_dtype`,
-    by peft's rule (minilora.bypass.autocast_dtype): 4 for float32 adapters on a 16-bit base, peft's and
+    by peft's rule (minilora.peft_layer.autocast_dtype): 4 for float32 adapters on a 16-bit base, peft's and
     minilora's default; the base's 2 with autocast_adapter_dtype=False. `estimate`'s own default, 2, is the
     QLoRA paper's bf16 adapters."""
     return autocast_dtype(compute_dtype, autocast_adapter_dtype).itemsize

@@ -239,7 +239,8 @@ def decode_constants(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch
     constant is not finite (a corrupted checkpoint: never decode into NaN weights)."""
     usable = (qabsmax.device.type == "cpu" and qabsmax.dtype == torch.uint8 and qabsmax.is_contiguous()
               and absmax2.dtype == torch.float32 and absmax2.is_contiguous() and levels.dtype == torch.float32
-              and levels.is_contiguous() and levels.numel() == 256)
+              and levels.is_contiguous() and levels.numel() == 256
+              and absmax2.numel() >= -(-qabsmax.numel() // blocksize2))  # never read past absmax2's end
     module = decoder() if usable else None
     if module is None:
         return None

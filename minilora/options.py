@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from minilora.architecture import METHODS  # the methods the memory model knows are the ones we train
-from minilora.checks import check_choice, check_int, check_number
+from minilora.checks import check_bool, check_choice, check_int, check_number
 from minilora.nf4 import BLOCKSIZES, QUANT_TYPES
 
 OPTIMIZERS = ("adamw", "paged_adamw")
@@ -128,8 +128,7 @@ class TrainConfig:
         if self.method == "adalora" and self.target_r > self.r:
             raise ValueError(f"--target-r must be <= --r (AdaLoRA starts at rank r and prunes down to "
                              f"target_r), got target_r={self.target_r} > r={self.r}")
-        if not isinstance(self.autocast_adapter_dtype, bool):
-            raise ValueError(f"--autocast-adapter-dtype must be True or False, got {self.autocast_adapter_dtype!r}")
+        check_bool("--autocast-adapter-dtype", self.autocast_adapter_dtype)
         if not isinstance(self.target, str) or not self.target.strip():
             raise ValueError(f"--target must be 'all-linear' or comma-separated module names, "
                              f"got {self.target!r}")

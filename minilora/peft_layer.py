@@ -69,6 +69,12 @@ def check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage) -> None:
             raise ValueError(f"{label} must be True or False, got {label}={value!r}")
 
 
+def check_enabled(enabled) -> None:
+    """TypeError unless peft's switch `enabled` is True or False."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got enabled={enabled!r}")
+
+
 class PeftLayerAPI:
     """Mixed into minilora.bypass.LowRankLinear, in front of a core layer (minilora.core.lora.LoRALinear or
     a subclass), which provides `base`, `disabled`, `merged`, `unmerge()` and the "lora_" parameters."""
@@ -79,9 +85,13 @@ class PeftLayerAPI:
 
     # -- where a new adapter lives ---------------------------------------------------------------------
 
+    def base_device(self) -> torch.device:
+        """Where the base's tensors are (the core's placement rule), whatever low_cpu_mem_usage says."""
+        return core_lora.LoRALinear.adapter_placement(self)["device"]
+
     def adapter_placement(self) -> dict:
         """The core's placement (the base's device) in `adapter_dtype`; the meta device while low_cpu_mem_usage."""
-        device = META if self.low_cpu_mem_usage else core_lora.LoRALinear.adapter_placement(self)["device"]
+        device = META if self.low_cpu_mem_usage else self.base_device()
         return {"device": device, "dtype": adapter_dtype(self.base, self.autocast_adapter_dtype)}
 
     def load_tensor(self, owner: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -94,7 +104,7 @@ class PeftLayerAPI:
             with torch.no_grad():
                 current.copy_(tensor)
             return
-        device = core_lora.LoRALinear.adapter_placement(self)["device"]
+        device = self.base_device()
         setattr(owner, key, nn.Parameter(tensor.to(device=device, dtype=current.dtype),
                                          requires_grad=current.requires_grad))
 
@@ -127,8 +137,7 @@ class PeftLayerAPI:
         is unmerged first, so the layer computes W0 x as pretrained (peft unmerges it at its next forward, for
         good: enabling does not merge again, here neither). enabled=True: the bypass on and the active
         adapter trainable again (peft calls its set_adapter here, which does the same)."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be True or False, got enabled={enabled!r}")
+        check_enabled(enabled)
         if not enabled and self.merged:
             self.unmerge()
         self.disabled = not enabled

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minilora.checks import check_bool
 from minilora.core import qlora as core
 from minilora.core.lora import is_target
 from minilora.core.qlora import QuantizationReport, model_nbytes  # the core's, used as they are (and importable)
@@ -69,8 +70,7 @@ class MatMul4bit(core.MatMul4bit):
 
 def check_linear4bit_options(blocksize, double_quant, quant_type, compute_dtype) -> None:
     check_quant_options(blocksize, quant_type)
-    if not isinstance(double_quant, bool):
-        raise ValueError(f"double_quant must be True or False, got double_quant={double_quant!r}")
+    check_bool("double_quant", double_quant)
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, "
                          f"got compute_dtype={compute_dtype!r}")

@@ -16,7 +16,6 @@ from torch import nn
 
 from minilora.bypass import (
     LowRankLinear,
-    check_base,
     check_target_modules,
     find_target_modules,
     warn_oversized_ranks,
@@ -24,8 +23,6 @@ from minilora.bypass import (
 )
 from minilora.checks import check_bypass_options, check_int, check_number
 from minilora.core import adalora as core
-from minilora.core import lora as core_lora
-from minilora.core.adalora import INIT_STD  # noqa: F401  (importable from here: adapter files use it)
 from minilora.peft_layer import check_placement_options
 
 # ----------------------------------------------------------------------------------------------------
@@ -45,14 +42,11 @@ class SVDLinear(LowRankLinear, core.SVDLinear):
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
-        check_base(base)
+        self.take_placement_options(base, autocast_adapter_dtype, low_cpu_mem_usage)
         check_bypass_options(r, lora_alpha, lora_dropout)
-        check_placement_options(autocast_adapter_dtype, low_cpu_mem_usage)
-        # Plain flags, set before the core's __init__ creates the adapter (adapter_placement reads them).
-        self.autocast_adapter_dtype, self.low_cpu_mem_usage = autocast_adapter_dtype, low_cpu_mem_usage
         super().__init__(base, r, lora_alpha, lora_dropout)
         if self.lora_A.is_meta:   # the buffers are no file's: make them for real
-            device = core_lora.LoRALinear.adapter_placement(self)["device"]
+            device = self.base_device()
             self.ranknum = torch.tensor(float(r), dtype=self.lora_A.dtype, device=device)
             self.rank_mask = torch.ones(r, dtype=torch.bool, device=device)
 
@@ -66,12 +60,9 @@ class SVDLinear(LowRankLinear, core.SVDLinear):
         keep = torch.as_tensor(keep, dtype=torch.bool, device=self.lora_E.device).view(-1)
         if keep.numel() != self.r:
             raise ValueError(f"keep must have one entry per triplet (r={self.r}), got {keep.numel()} entries")
-        trainable = self.lora_A.requires_grad
-        self.lora_A = nn.Parameter(self.lora_A.detach()[keep].clone(), requires_grad=trainable)
-        self.lora_E = nn.Parameter(self.lora_E.detach()[keep].clone(), requires_grad=trainable)
-        self.lora_B = nn.Parameter(self.lora_B.detach()[:, keep].clone(), requires_grad=trainable)
-        self.r = int(keep.sum())
-        self.rank_mask = torch.ones(self.r, dtype=torch.bool, device=keep.device)
+        # boolean indexing copies: the survivors become new parameters, the old ones are freed
+        self.load_triplets({"lora_A": self.lora_A.detach()[keep], "lora_E": self.lora_E.detach()[keep],
+                            "lora_B": self.lora_B.detach()[:, keep]})
 
     def load_triplets(self, tensors: dict[str, torch.Tensor]) -> None:
         """P, Λ, Q of a pruned adapter from a file ({"lora_A": Q (r', in), "lora_E": Λ (r', 1), "lora_B": P

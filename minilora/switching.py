@@ -118,9 +118,10 @@ def disable_adapter(model: nn.Module):
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name` from every layer (peft's delete_adapter). A layer left without adapters is
-    replaced by its base again. Refused, before any layer changes, when `name` is the active adapter (set
-    another one first, so that what the model computes never changes silently) or merged into some layer
-    (unmerge it first: its ΔW sits in W0). Returns `model`."""
+    replaced by its base again (so deleting the only adapter gives the base model back). Refused, before any
+    layer changes, when `name` is the active adapter while others exist (set another one first, so that what the
+    model computes never changes silently) or merged into some layer (unmerge it first: its ΔW sits in W0).
+    Returns `model`."""
     check_adapter(model, name, "delete_adapter")
     if active_adapter(model) == name and len(adapter_names(model)) > 1:
         raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter to one of "

@@ -158,12 +158,16 @@ def train(config=None, **overrides) -> TrainResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     job = distributed.setup(config.distributed, resolve_device(config.device))
+    on_cuda = job.device.type == "cuda"
     try:
-        with HostMemory() as host:  # on a CPU, the run's peak is the process's (minilora.measure)
+        # the run's peak: CUDA's allocator counts it; on a CPU it is the process's (minilora.measure)
+        with contextlib.nullcontext() if on_cuda else HostMemory() as host:
             result = _train(config, job)
     finally:
         job.close()
-    if job.device.type != "cuda":
+    if on_cuda:
+        result.peak_memory_bytes = torch.cuda.max_memory_allocated(job.device)
+    else:
         result.peak_memory_bytes, result.peak_anonymous_bytes = host.resident, host.anonymous
     return result
 
@@ -236,11 +240,10 @@ def _finish(run: Run, config: TrainConfig, job, run_dir: Path, rows: list[dict],
              for r in rows if r["eval_loss"] is not None]
     final_eval = evals[-1] if evals and evals[-1]["step"] == config.max_steps else None
     trainable, total = count_parameters(run.model)
-    peak = torch.cuda.max_memory_allocated(job.device) if job.device.type == "cuda" else 0  # CPU: see train()
     return TrainResult(config=config, run_dir=run_dir, losses=[r["loss"] for r in rows], evals=evals,
                        final_eval=final_eval, trainable_params=trainable, all_params=total,
-                       model_bytes=model_bytes, peak_memory_bytes=peak, seconds=time.perf_counter() - started,
-                       model=run.model)
+                       model_bytes=model_bytes, peak_memory_bytes=0,  # train() measures the whole run's
+                       seconds=time.perf_counter() - started, model=run.model)
 
 
 # ----------------------------------------------------------------------------------------------------

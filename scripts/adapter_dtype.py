@@ -2,11 +2,11 @@
 
     python scripts/adapter_dtype.py              # about a minute on one CPU thread; prints a table
 
-Every run starts from the pretrained tiny Llama (minilora.data) cast to bf16, adapts every linear layer with
-LoRA r 8 (α 16, the CLI's defaults), and trains on the cipher task with the same batches, 120 steps of 32
-examples. The adapters are float32 (autocast_adapter_dtype=True, peft's default) or bf16 (False); the
-optimizer is torch's AdamW (its moments in the parameters' dtype) or minilora's PagedAdamW (float32 moments
-whatever the parameters, as bitsandbytes' 32-bit optimizers). Printed: the eval loss and exact-match
+Every run starts from the pretrained tiny Llama (minilora.data) cast to bf16, adapts q_proj and v_proj with
+LoRA r 8 (α 16), and trains on the cipher task with the same batches, 60 steps of 32 examples. The adapters
+are float32 (autocast_adapter_dtype=True, peft's default) or bf16 (False); the optimizer is torch's AdamW
+(its moments in the parameters' dtype) or minilora's PagedAdamW (float32 moments whatever the parameters, as
+bitsandbytes' 32-bit optimizers). Printed: the eval loss and exact-match
 accuracy on 256 held-out examples, per seed, and the share of adapter entries whose update was rounded
 away at the last step (the entry did not move although its gradient was not zero). Float training
 results move in the 2nd-3rd digit on another CPU (minilora.machine.describe_line()), so they are rounded.

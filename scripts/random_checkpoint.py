@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 from minilora.architecture import PRESETS  # noqa: E402
 from minilora.checkpoint_files import INDEX_FILE, SINGLE_FILE  # noqa: E402
 from minilora.files import write_atomically  # noqa: E402
+from minilora.instructions import ByteTokenizer  # noqa: E402
 from minilora.model_builder import plan_random, preset_config, tensor_names  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -85,9 +86,12 @@ def write_byte_tokenizer(folder) -> None:
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    ids = ByteTokenizer  # the same ids as minilora's ByteTokenizer, which --random-init runs use
+    vocab = {"<unk>": ids.pad_token_id, "<s>": ids.bos_token_id, "</s>": ids.eos_token_id,
+             **{f"<0x{b:02X}>": ids.first_byte_id + b for b in range(256)}}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                             special_tokens=[("<s>", ids.bos_token_id)])
     tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(folder)

@@ -19,9 +19,12 @@ BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits: unit roundoff 2^-8, one ulp
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor, flat, so that equality means equality in every bit (incl. -0.0)."""
-    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-    return t.contiguous().reshape(-1).view(ints[t.dtype])
+    """The raw bits of a float tensor, flat, so that equality means equality in every bit (incl. -0.0 and NaN
+    payloads); any other tensor flat as it is."""
+    ints = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(ints[t.dtype]) if t.dtype in ints else flat
 
 
 def bnb_reference_absmax(state) -> torch.Tensor:

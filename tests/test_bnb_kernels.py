@@ -37,6 +37,7 @@ from bitsandbytes.cextension import lib as bnb_native_lib
 from bitwise import BF16_EPS, bf16_matmul_bound, bits, bnb_layer, bnb_reference_dequantize
 from torch import nn
 
+from minilora.machine import KNOWN_HARMLESS
 from minilora.nf4 import dequantize_4bit, get_code, quantize_4bit
 from minilora.qlora import Linear4bit
 
@@ -191,7 +192,7 @@ def test_fused_path_refuses_widths_not_a_multiple_of_32_on_every_cpu():
 # What importing bitsandbytes prints, and minilora's filter of it (minilora/machine.py)
 # ----------------------------------------------------------------------------------------------------
 
-KERNELS_LINE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+KERNELS_LINE = KNOWN_HARMLESS[0][1]  # "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
 def _stderr_of(code: str) -> str:
@@ -205,5 +206,7 @@ def test_bnb_import_logs_the_kernel_line_exactly_on_avx512bf16_cpus():
     assert (KERNELS_LINE in _stderr_of("import bitsandbytes")) == FUSED
 
 
-def test_importing_minilora_first_silences_it_on_every_cpu():
+@pytest.mark.skipif(not FUSED, reason="bitsandbytes logs no such line on this CPU (the test above), so nothing "
+                                       "to silence; tests/test_machine.py checks the filter itself on every CPU")
+def test_importing_minilora_first_silences_it_where_bitsandbytes_logs_it():
     assert "kernels-community" not in _stderr_of("import minilora, bitsandbytes, peft")

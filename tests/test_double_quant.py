@@ -6,13 +6,16 @@ import torch
 from bitwise import bits, bnb_reference_absmax, bnb_reference_dequantize
 from safetensors.torch import load_file, save_file
 
+from minilora import native
 from minilora.double_quant import (
     DQ_BLOCKSIZE,
     QuantizedWeight,
     double_dequantize,
     double_quantize,
     dynamic_map,
+    dynamic_map_on,
 )
+from minilora.kernels import one_intra_op_thread
 from minilora.nf4 import dequantize_4bit, quantize_4bit
 
 pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
@@ -49,7 +52,10 @@ def test_dynamic_map_equals_bitsandbytes_in_every_bit():
 def _compare_with_bnb(absmax):
     """Our double quantization of absmax next to bitsandbytes': (ours, theirs) dicts."""
     ours = dict(zip(("qabsmax", "absmax2", "offset"), double_quantize(absmax)))
-    offset = absmax.mean()
+    # bitsandbytes' offset is absmax.mean() on all of torch's threads, and a long float32 mean depends on the
+    # thread count (chapter 4); ours is taken on one thread, so compare with theirs at one thread.
+    with one_intra_op_thread():
+        offset = absmax.mean()
     qabsmax, state2 = bnb_f.quantize_blockwise(absmax - offset, blocksize=DQ_BLOCKSIZE)
     theirs = {"qabsmax": qabsmax, "absmax2": state2.absmax, "offset": offset}
     return ours, theirs
@@ -227,6 +233,31 @@ def test_quantized_weight_rejects_bad_input():
         QuantizedWeight(qw.packed, (64, 64), absmax=qw.absmax, qabsmax=torch.zeros(64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="quant_type.*int4"):
         QuantizedWeight.from_float(torch.randn(64, 64), quant_type="int4").to_bnb()
+
+
+def test_quantized_weight_refuses_pieces_its_decode_would_misread():
+    """dequantize decodes the stored pieces unchecked (the compiled loop reads raw memory by their counts and
+    dtypes), so the constructor refuses every piece of the wrong dtype or size: 300 x 300 at blocksize 64 has
+    1,407 blocks, and so 6 second-level constants."""
+    nested = QuantizedWeight.from_float(torch.randn(300, 300))
+    plain = QuantizedWeight.from_float(torch.randn(300, 300), double_quant=False)
+    pieces = {"packed": nested.packed, "shape": (300, 300), "qabsmax": nested.qabsmax,
+              "absmax2": nested.absmax2, "offset": nested.offset}
+    assert nested.absmax2.numel() == 6
+    for name, bad, message in [("absmax2", nested.absmax2[:1], "absmax2: 1407 constants .* need 6 .* got 1 "),
+                               ("absmax2", nested.absmax2.double(), "absmax2: .* got 6 of torch.float64"),
+                               ("qabsmax", nested.qabsmax.float(), "qabsmax: .* got 1407 of torch.float32"),
+                               ("offset", nested.offset.repeat(2), "offset: expected one torch.float32 value")]:
+        with pytest.raises(ValueError, match=message):
+            QuantizedWeight(**{**pieces, name: bad})
+    for dtype in (torch.float16, torch.float64):
+        with pytest.raises(ValueError, match=f"absmax: .* got 1407 of {dtype}"):
+            QuantizedWeight(plain.packed, (300, 300), absmax=plain.absmax.to(dtype))
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        plain.dequantize(torch.int8)
+    # and the compiled constants' decode, called directly with too few second-level constants, declines
+    levels = dynamic_map_on(torch.device("cpu"))
+    assert native.decode_constants(nested.qabsmax, nested.absmax2[:1], nested.offset, levels, 256) is None
 
 
 def test_double_quantize_is_the_same_on_any_number_of_threads():

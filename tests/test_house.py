@@ -25,7 +25,7 @@ FLOORS = {
     "files": 0,  # the ground floor: atomic file writes, which every floor may use
     "machine": 0,  # where a number was measured; the filter for known harmless log lines
     "checks": 0,  # the shared checks of public arguments
-    "codes": 0,  # the 16 levels of NF4, FP4 and Int4, and the midpoints between them
+    "codes": 0,  # the three 4-bit data types by name (their levels are built in core.nf4), checked once
     "kernels": 0,  # the fast encode/decode kernels: tables are handed in, nothing of ours imported
     "native": 0,  # the optional compiled AVX2 decode (C++ compiled on first use), beside the eager one
     "frozen_linear": 0,  # a frozen base's matmul, with the input gradient in the layout that is fast here

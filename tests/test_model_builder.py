@@ -296,7 +296,9 @@ def test_a_header_is_read_without_reading_the_weights(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     (dict(data="bad"), r"bad.jsonl:2: not valid JSON"),
-    (dict(target="q_proj,v_prj"), r"entries \['v_prj'\] of target_modules"),
+    (dict(target="q_proj,v_prj"), r"--model llama-7b: entries \['v_prj'\] of target_modules"),
+    (dict(r=100_000), r"--model llama-7b: --r=100000 is larger than max\(in_features, out_features\) = "
+                      r"max\(4096, 4096\) of model.layers.0.self_attn.q_proj: .*add nothing\)$"),
     (dict(eval_data="missing"), r"--eval-data: no such file"),
 ])
 def test_a_7b_run_checks_everything_before_building_the_model(tmp_path, monkeypatch, options, message):
@@ -311,6 +313,15 @@ def test_a_7b_run_checks_everything_before_building_the_model(tmp_path, monkeypa
         train(**{"recipe": "qlora-7b", "model": "llama-7b", "random_init": True, "data": str(good),
                  "output_dir": str(tmp_path / "run"), "progress": False, **options})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_target_error_on_the_command_line_names_the_model_and_a_rank_the_recipe_chose():
+    err = ValueError("--r=64 is larger than ...")
+    chosen = build.on_the_command_line(err, make_config(recipe="qlora-7b", model="tiny"))
+    assert str(chosen) == ("--model tiny: --r=64 is larger than ... (--recipe qlora-7b chose r=64; give --r, or "
+                           "a larger --model)")
+    given = build.on_the_command_line(err, make_config(recipe="qlora-7b", model="tiny", r=8))
+    assert str(given) == "--model tiny: --r=64 is larger than ..."  # the user's own --r: no recipe to blame
 
 
 def test_a_preset_reads_jsonl_as_bytes():

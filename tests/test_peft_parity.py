@@ -16,6 +16,7 @@ import warnings
 import peft
 import pytest
 import torch
+from bitwise import bits
 from safetensors.torch import load_file
 from torch import nn
 
@@ -59,10 +60,6 @@ def peft_layer(pm, name: str):
 def logits(model, token_ids):
     with torch.no_grad():
         return model(token_ids).logits
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.int32)
 
 
 def snapshot(model: nn.Module) -> dict:

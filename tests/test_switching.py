@@ -208,6 +208,13 @@ def test_bad_calls(tiny_llama):
     with pytest.raises(ValueError, match="are merged; unmerge them first"):
         add_lora(ours, LoraConfig(target_modules=("q_proj",)), "c")      # refused before any layer changes
     assert adapter_names(ours) == ["a", "b"]
+    layer = ours.model.layers[1].self_attn.q_proj  # a layer's own add_adapter checks what it is given
+    before = layer.adapter_names()
+    with pytest.raises(ValueError, match="lora_alpha must be a number in"):
+        layer.add_adapter("c", r=2, lora_alpha=-5)
+    with pytest.raises(ValueError, match="init must be one of"):
+        layer.add_adapter("c", r=2, lora_alpha=4, init="bogus")
+    assert layer.adapter_names() == before == ["a"]
     with pytest.raises(ValueError, match="no adapter layers"):
         with disable_adapter(tiny_llama()):
             pass
